@@ -1,0 +1,81 @@
+# make demo / make test work on a fresh clone: every target depends on `setup`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PY := .venv/bin/python
+STAMP := .venv/.setup-done
+
+# Encode / train variables (override on the command line: make encode SRC=... OUT=...)
+SRC ?= data/synthetic/train
+OUT ?= data/encoded/tiny-sd15/train
+MODEL ?= models/tiny-sd15
+RES ?= 64
+ENCODE_ARGS ?=
+DATA ?= $(OUT)
+VAL_DATA ?=
+CONFIG ?= configs/demo.toml
+OUTPUT_DIR ?= runs/train
+TRAIN_ARGS ?=
+NPROC ?= 1
+
+DEMO_ROWS ?= 1600
+DEMO_VAL_ROWS ?= 400
+export RAY_AUTH_MODE ?= disabled
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup models data encode train demo test test-fast lint bench clean
+
+setup: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[dev]"
+	touch $@
+
+# Synthetic Pick-a-Pic-shaped parquet (train + validation), see stages/synthetic.py for the preference rule.
+data: data/synthetic/.done
+data/synthetic/.done: $(STAMP) stages/synthetic.py
+	$(PY) -m stages.synthetic --out data/synthetic --seed 0 --rows $(DEMO_ROWS) --val-rows $(DEMO_VAL_ROWS)
+	touch $@
+
+# Tiny random-init SD1.5/SDXL folders in diffusers layout, whose UNets are then briefly pretrained (plain denoising
+# on the synthetic images) so that the DPO reference already denoises the data, as a real base model does.
+models: models/tiny-sd15/.pretrained models/tiny-sdxl/.pretrained
+models/%/.built: $(STAMP) stages/tiny_models.py
+	$(PY) -m stages.tiny_models --out models --family $(subst tiny-,,$*)
+	touch $@
+data/encoded/%/train/manifest.json: models/%/.built data/synthetic/.done
+	$(PY) -m stages.encode --src data/synthetic/train --out data/encoded/$*/train --model models/$* --resolution 64
+data/encoded/%/validation/manifest.json: models/%/.built data/synthetic/.done
+	$(PY) -m stages.encode --src data/synthetic/validation --out data/encoded/$*/validation --model models/$* --resolution 64
+models/%/.pretrained: data/encoded/%/train/manifest.json configs/pretrain.toml
+	$(PY) -m trainer.train --config configs/pretrain.toml --data data/encoded/$*/train --model models/$* \
+	  --output-dir runs/pretrain-$*
+	rm -rf models/$*/unet.new && cp -r runs/pretrain-$*/final/unet models/$*/unet.new
+	rm -rf models/$*/unet.old && mv models/$*/unet models/$*/unet.old && mv models/$*/unet.new models/$*/unet
+	rm -rf models/$*/unet.old
+	touch $@
+
+encode: $(STAMP)
+	$(PY) -m stages.encode --src $(SRC) --out $(OUT) --model $(MODEL) --resolution $(RES) $(ENCODE_ARGS)
+
+train: $(STAMP)
+	$(PY) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) -m trainer.train --config $(CONFIG) \
+	  --data $(DATA) --model $(MODEL) --output-dir $(OUTPUT_DIR) $(if $(VAL_DATA),--val-data $(VAL_DATA)) $(TRAIN_ARGS)
+
+# Synthetic data → encode (train + validation) → DPO with configs/demo.toml → held-out accuracy, before and after.
+demo: models/tiny-sd15/.pretrained data/encoded/tiny-sd15/validation/manifest.json
+	$(PY) -m trainer.demo --config configs/demo.toml --data data/encoded/tiny-sd15/train \
+	  --val-data data/encoded/tiny-sd15/validation --model models/tiny-sd15 --output-dir runs/demo
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench: $(STAMP)
+	$(PY) -m bench.run --out BENCHMARKS.md
+
+clean:
+	rm -rf data runs models

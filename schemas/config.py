@@ -1,0 +1,139 @@
+"""The two configuration objects, and one way to fill them from a file plus command-line flags.
+
+Every field is also a flag (`snake_case` → `--kebab-case`); `--config FILE` (JSON or TOML) supplies defaults and the
+command line wins. Booleans take `--flag` / `--no-flag`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class EncodeConfig:
+    src: str = ""  # parquet directory, glob, comma-separated list, or fsspec URL
+    out: str = ""
+    model: str = ""  # hub id, local snapshot, or models/tiny-sd15
+    resolution: int = 512
+    latent_mode: str = "moments"  # "moments" (mean + logvar, fresh sample per step) or "mean" (half the bytes)
+    flip: bool = True  # cache horizontally flipped variants, as the official recipe flips by default
+    dtype: str = "auto"  # VAE/text encoder compute dtype: auto (fp16 on GPU unless force_upcast, else fp32), fp32, fp16, bf16
+    tie_policy: str = "drop"  # "drop" ties (label_0 == 0.5) or "keep" them (trainer treats them as soft labels)
+    shard_size: int = 1000  # pair samples per tar
+    text_shard_size: int = 5000  # caption embeddings per text tar
+    chunk_files: int = 32  # parquet files per chunk: the unit of atomic publish and of skipping on rerun
+    decode_batch_size: int = 32
+    encode_batch_size: int = 16  # pairs per VAE call (4 images each with flips)
+    text_batch_size: int = 64
+    num_encoders: int = 0  # encoder actors; 0 = one per GPU, or one per 2 CPUs without GPUs
+    ray_address: str | None = None  # None: join RAY_ADDRESS / a running cluster, else start a local one
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # encode output directory (has manifest.json)
+    model: str = ""  # base model: hub id, snapshot, or models/tiny-sd15
+    output_dir: str = "runs/dpo"
+    val_data: str | None = None
+    # objective
+    loss: str = "dpo"  # "dpo", "sft" (preferred images only) or "diffusion" (plain denoising on both images)
+    beta: float = 5000.0
+    caption_dropout: float = 0.2
+    # optimisation
+    seed: int = 0
+    max_steps: int = 2000
+    batch_size: int = 1  # pairs per process per micro-step
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-8
+    scale_lr: bool = True  # lr × batch_size × accumulation × processes, as the official launchers do
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 500
+    optimizer: str = "adamw"  # "adamw" or "adafactor"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # "no", "fp16", "bf16"
+    gradient_checkpointing: bool = False
+    allow_tf32: bool = True
+    lora_rank: int = 0  # 0 = full fine-tune; > 0 = LoRA with the reference = adapters disabled
+    lora_alpha: float | None = None  # defaults to lora_rank
+    # data stream
+    num_workers: int = 2
+    shards_in_flight: int = 4  # shards mixed together by each worker
+    data_only: bool = False  # iterate the stream for max_steps batches, no model work
+    # checkpoints, logging, evaluation
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int = 3
+    resume: str | None = None  # "latest" or a checkpoint directory
+    log_every: int = 10
+    eval_every: int = 0  # with val_data: evaluate every N steps (0 = only at the end)
+    eval_max_pairs: int = 512
+    report_to: str = "tensorboard"  # or "none"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _base_type(tp: Any) -> Any:
+    """`int | None` → int, so argparse knows how to parse the value."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="JSON or TOML file with any of the flags below; the command line wins")
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = _base_type(hints[f.name])
+        default_text = f"(default: {f.default})" if f.default is not dataclasses.MISSING else ""
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=default_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=tp, default=None, help=default_text)
+    return parser
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+        return tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: config {path}: {e}") from e
+
+
+def parse_config(cls: type[T], argv: list[str] | None, description: str) -> T:
+    """Defaults < config file < command line; unknown keys in the file are an error naming the key."""
+    args = build_parser(cls, description).parse_args(argv)
+    values: dict[str, Any] = {}
+    known = {f.name for f in fields(cls)}
+    if args.config:
+        file_values = load_config_file(args.config)
+        unknown = sorted(set(file_values) - known)
+        if unknown:
+            raise SystemExit(f"error: config {args.config}: unknown keys {unknown}")
+        values.update({k.replace("-", "_"): v for k, v in file_values.items()})
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    return cls(**values)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

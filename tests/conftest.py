@@ -1,0 +1,13 @@
+"""Session-wide fixtures live in tests/fixtures/*, one module per concern (models, Ray cluster, latent datasets)."""
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WDS_SECURE", "1")
+
+pytest_plugins = [
+    "tests.fixtures.models",
+    "tests.fixtures.ray_cluster",
+    "tests.fixtures.latents",
+]

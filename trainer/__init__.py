@@ -1,0 +1,1 @@
+"""Lean Diffusion-DPO trainer over precomputed latent shards."""
