@@ -1,0 +1,351 @@
+"""Pick-a-Pic parquet → winner-first VAE latents (WebDataset tars) + caption embeddings + manifest, with Ray Data.
+
+CLI: python -m stages.encode --src SRC --out OUT --model MODEL --resolution R [EncodeConfig flags]
+     (also under `ray job submit --working-dir . -- python -m stages.encode ...`)
+
+Layout of OUT (the trainer trusts only manifest.json, written last):
+  pairs/chunk_K/*.tar + _part.json   one directory per `chunk_files` parquet files, published by rename
+  text/part_K/*.tar + _part.json     caption embeddings; a rerun only encodes captions not yet published
+  _checkpoints/chunk_K/              Ray CheckpointConfig of the chunk in flight (row-level resume after kill -9)
+  _encode_config.json                the config of the first run; a different config on the same OUT is an error
+  manifest.json, report.json
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from schemas.atomic import atomic_write_json, read_json
+from schemas.config import EncodeConfig, config_to_dict, parse_config
+from schemas.manifest import MANIFEST_NAME, Manifest, Report, ShardEntry
+from schemas.sample import EMPTY_CAPTION, LATENT_MODES, PAIR_META_EXT, TENSORS_EXT, caption_key
+from stages.decode_images import read_drops
+from stages.read_pairs import REQUIRED_COLUMNS, InputError, Prescan, list_parquet_files, prescan, valid_labels
+from stages.write_shards import finalize_part, load_part, reset_dir
+
+CONFIG_MARKER = "_encode_config.json"
+RUNTIME_KEYS = {"out", "decode_batch_size", "encode_batch_size", "text_batch_size", "num_encoders", "ray_address"}
+PAIR_MEMBERS = (PAIR_META_EXT, TENSORS_EXT)
+TEXT_MEMBERS = (TENSORS_EXT,)
+
+
+class ConfigMismatch(Exception):
+    pass
+
+
+def output_config(config: EncodeConfig) -> dict[str, Any]:
+    """The keys that change what is written; batch sizes, actor counts and the Ray address do not."""
+    return {k: v for k, v in config_to_dict(config).items() if k not in RUNTIME_KEYS}
+
+
+def check_config(config: EncodeConfig) -> None:
+    if config.latent_mode not in LATENT_MODES:
+        raise InputError(f"--latent-mode must be one of {LATENT_MODES}, got {config.latent_mode!r}")
+    valid_labels(config.tie_policy)
+    for name in ("resolution", "shard_size", "text_shard_size", "chunk_files", "decode_batch_size",
+                 "encode_batch_size", "text_batch_size"):
+        if getattr(config, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    if config.resolution % 8:
+        raise InputError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {config.resolution}")
+    if not (Path(config.model) / "vae").is_dir():
+        raise InputError(f"{config.model}: not a diffusers model folder (no vae/ subfolder)")
+
+
+def previous_config(out: Path) -> dict[str, Any] | None:
+    if (out / MANIFEST_NAME).exists():
+        return Manifest.load(out).encode_config
+    return read_json(out / CONFIG_MARKER) if (out / CONFIG_MARKER).exists() else None
+
+
+def compare_configs(previous: dict[str, Any], current: dict[str, Any], out: Path) -> None:
+    keys = {k: v for k, v in previous.items() if k not in RUNTIME_KEYS}
+    differing = sorted(k for k in keys.keys() | current.keys() if keys.get(k) != current.get(k))
+    if differing:
+        detail = ", ".join(f"{k}: {keys.get(k)!r} → {current.get(k)!r}" for k in differing)
+        raise ConfigMismatch(f"{out} was encoded with a different config ({detail}); use another --out")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray
+
+
+def init_ray(address: str | None) -> bool:
+    """Join `address` (or RAY_ADDRESS, as under `ray job submit`); otherwise start a private local cluster.
+
+    Returns True when this process started Ray (and so shuts it down). A new local cluster gets at least 4 logical
+    CPUs: on a 2-CPU machine Ray Data's Write op otherwise starves behind decode tasks.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+    return True
+
+
+def encoder_pool(num_encoders: int) -> dict[str, Any]:
+    """map_batches kwargs for model actors: one per GPU, else one per 2 CPUs; `num_encoders` overrides."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    size = num_encoders or (gpus if gpus else max(1, int(resources.get("CPU", 2)) // 2))
+    if gpus:
+        return {"compute": ray.data.ActorPoolStrategy(size=size), "num_gpus": 1}
+    return {"compute": ray.data.ActorPoolStrategy(size=size), "num_cpus": 1}
+
+
+def encode_text(config: EncodeConfig, out: Path, captions: set[str]) -> None:
+    """Encode the captions no published text part holds yet, into one new part."""
+    import ray
+    from ray.data import DataContext
+
+    from stages.encode_text import CaptionEncoder
+    from stages.write_shards import ShardNames
+
+    text_dir = out / "text"
+    parts = published_parts(text_dir, "part_")
+    known = {k for p in parts for k in p["keys"]}
+    todo = sorted(c for c in captions | {EMPTY_CAPTION} if caption_key(c) not in known)
+    if not todo:
+        return
+    k = len(parts)
+    tmp, final = text_dir / f"part_{k:05d}.tmp", text_dir / f"part_{k:05d}"
+    reset_dir(tmp)  # no row-level resume for text: a killed part is redone (captions are few and cheap)
+    DataContext.get_current().checkpoint_config = None
+    pool = encoder_pool(1)
+    (
+        ray.data.from_items([{"caption": c} for c in todo])
+        .map_batches(CaptionEncoder, batch_size=config.text_batch_size, fn_constructor_kwargs={
+            "model": str(Path(config.model).resolve()), "dtype": config.dtype, "num_threads": 2}, **pool)
+        .repartition(target_num_rows_per_block=config.text_shard_size, strict=True)
+        .write_webdataset(str(tmp), min_rows_per_file=config.text_shard_size, filename_provider=ShardNames("text"),
+                          encoder=None)
+    )
+    part = finalize_part(tmp, final, TEXT_MEMBERS, {"captions": len(todo)})
+    print(f"encode: text part {k}: {part['num_samples']} caption embeddings", flush=True)
+
+
+def encode_chunk(config: EncodeConfig, out: Path, k: int, files: list[str], scan: Prescan) -> dict[str, Any]:
+    """One Ray Data job over `files` → OUT/pairs/chunk_K, resumable row by row through CheckpointConfig."""
+    import ray
+    from ray.data import DataContext
+    from ray.data.checkpoint import CheckpointConfig
+
+    from stages.decode_images import decode_pairs
+    from stages.encode_latents import LatentEncoder
+    from stages.read_pairs import row_filter
+    from stages.write_shards import ShardNames, drop_ranking_id, to_pair_samples
+
+    tmp, final = out / "pairs" / f"chunk_{k:05d}.tmp", out / "pairs" / f"chunk_{k:05d}"
+    ckpt = out / "_checkpoints" / f"chunk_{k:05d}"
+    if not ckpt.exists():
+        reset_dir(tmp)  # no committed rows: whatever a killed run left in tmp is unaccounted for
+    drops_dir = tmp / "_drops"
+    drops_dir.mkdir(parents=True, exist_ok=True)
+    DataContext.get_current().checkpoint_config = CheckpointConfig(
+        id_column="ranking_id", checkpoint_path=str(ckpt), delete_checkpoint_on_success=False)
+    (
+        ray.data.read_parquet(files)
+        .filter(expr=row_filter(config.tie_policy))
+        .select_columns(list(REQUIRED_COLUMNS))
+        .map_batches(decode_pairs, batch_size=config.decode_batch_size,
+                     fn_kwargs={"resolution": config.resolution, "drops_dir": str(drops_dir)})
+        .map_batches(LatentEncoder, batch_size=config.encode_batch_size, fn_constructor_kwargs={
+            "model": str(Path(config.model).resolve()), "dtype": config.dtype, "flip": config.flip,
+            "latent_mode": config.latent_mode, "num_threads": 2}, **encoder_pool(config.num_encoders))
+        .map_batches(to_pair_samples, batch_size=config.shard_size)
+        .repartition(target_num_rows_per_block=config.shard_size, strict=True)
+        .write_webdataset(str(tmp), min_rows_per_file=config.shard_size, filename_provider=ShardNames("pairs"),
+                          encoder=drop_ranking_id)
+    )
+    DataContext.get_current().checkpoint_config = None
+    dropped = scan.dropped(files)
+    dropped.update(read_drops(drops_dir).values())
+    shutil.rmtree(drops_dir)
+    rows_read = sum(scan.per_file[f].rows for f in files)
+    part = finalize_part(tmp, final, PAIR_MEMBERS, {"files": files, "rows_read": rows_read,
+                                                   "dropped": dict(sorted(dropped.items()))})
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return part
+
+
+def published_parts(parent: Path, prefix: str) -> list[dict[str, Any]]:
+    """`_part.json` of every published `<prefix>K` directory, in K order, each with its directory name added."""
+    parts = []
+    for d in sorted(parent.glob(f"{prefix}*")) if parent.is_dir() else []:
+        part = load_part(d) if d.is_dir() and not d.name.endswith(".tmp") else None
+        if part is not None:
+            parts.append({**part, "dir": d.name})
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# manifest
+
+
+def _code_version() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        version = importlib.metadata.version("dpo-latents")
+    except importlib.metadata.PackageNotFoundError:
+        version = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version  # e.g. under `ray job submit`, whose working dir has no .git
+    return f"{version}+g{commit}"
+
+
+def versions() -> dict[str, str]:
+    libs = ("torch", "diffusers", "transformers", "ray", "webdataset", "pyarrow")
+    return {"code": _code_version(), **{lib: importlib.metadata.version(lib) for lib in libs}}
+
+
+def text_shapes(out: Path, entry: ShardEntry) -> tuple[list[int], int | None]:
+    """[77, D] and the pooled dim, read from a stored text sample rather than re-derived from model configs."""
+    import tarfile
+
+    from safetensors.torch import load as load_safetensors
+
+    with tarfile.open(out / entry.path) as tar:
+        tensors = load_safetensors(tar.extractfile(tar.next()).read())
+    pooled = tensors.get("pooled_prompt_embeds")
+    return list(tensors["prompt_embeds"].shape), (int(pooled.shape[0]) if pooled is not None else None)
+
+
+def write_manifest(config: EncodeConfig, out: Path, chunks: list[dict[str, Any]]) -> Manifest:
+    from diffusers import AutoencoderKL
+
+    from stages.encode_text import is_sdxl
+
+    shards = [ShardEntry(f"pairs/{c['dir']}/{s['path']}", s["num_samples"]) for c in chunks for s in c["shards"]]
+    texts = published_parts(out / "text", "part_")
+    text_shards = [ShardEntry(f"text/{p['dir']}/{s['path']}", s["num_samples"]) for p in texts for s in p["shards"]]
+    vae = AutoencoderKL.load_config(config.model, subfolder="vae")
+    down = 2 ** (len(vae["block_out_channels"]) - 1)
+    text_shape, pooled = text_shapes(out, text_shards[0])
+    manifest = Manifest(
+        num_samples=sum(s.num_samples for s in shards), shards=shards,
+        num_text_samples=sum(s.num_samples for s in text_shards), text_shards=text_shards,
+        empty_caption_key=caption_key(EMPTY_CAPTION), model=config.model,
+        model_family="sdxl" if is_sdxl(config.model) else "sd15", resolution=config.resolution,
+        vae_scaling_factor=float(vae["scaling_factor"]), vae_shift_factor=vae.get("shift_factor"),
+        latent_dtype="float16", latent_mode=config.latent_mode,
+        latent_shape=[vae["latent_channels"], config.resolution // down, config.resolution // down],
+        flip_variants=config.flip, text_embed_shape=text_shape, pooled_embed_dim=pooled,
+        tie_policy=config.tie_policy, encode_config=config_to_dict(config), versions=versions(),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    manifest.check(out / MANIFEST_NAME)
+    manifest.save(out)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# driver
+
+
+def run(config: EncodeConfig) -> Report | None:
+    """Encode `config.src` into `config.out`; None when a finished output with the same config exists."""
+    t0 = time.perf_counter()
+    check_config(config)
+    out = Path(config.out)
+    previous = previous_config(out)
+    if previous is not None:
+        compare_configs(previous, output_config(config), out)
+        if (out / MANIFEST_NAME).exists():
+            print(f"encode: {out}/{MANIFEST_NAME} exists with the same config; nothing to do")
+            return None
+    _, files = list_parquet_files(config.src)
+    scan = prescan(files, config.tie_policy)
+    chunks = [files[i : i + config.chunk_files] for i in range(0, len(files), config.chunk_files)]
+    print(f"encode: {len(files)} parquet files, {scan.rows_read} rows, {len(scan.captions)} unique captions, "
+          f"{len(chunks)} chunks → {out}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / CONFIG_MARKER, output_config(config))
+    started_ray = init_ray(config.ray_address)
+    try:
+        encode_text(config, out, scan.captions)
+        done, encoded_rows = [], 0
+        for k, chunk_files in enumerate(chunks):
+            final = out / "pairs" / f"chunk_{k:05d}"
+            part = load_part(final)
+            if part is not None and part["files"] != chunk_files:
+                raise InputError(f"{final}: encoded from other files than chunk {k} of {config.src} now lists")
+            if part is None:
+                tc = time.perf_counter()
+                part = encode_chunk(config, out, k, chunk_files, scan)
+                encoded_rows += part["num_samples"]
+                print(f"encode: chunk {k + 1}/{len(chunks)}: {part['num_samples']} pairs in "
+                      f"{len(part['shards'])} tars, dropped {part['dropped']} ({time.perf_counter() - tc:.1f}s)",
+                      flush=True)
+            else:
+                print(f"encode: chunk {k + 1}/{len(chunks)} already published, skipped", flush=True)
+            shutil.rmtree(out / "_checkpoints" / final.name, ignore_errors=True)  # a kill after publish leaves it
+            done.append({**part, "dir": final.name})
+        manifest = write_manifest(config, out, done)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    return write_report(config, out, manifest, done, encoded_rows, time.perf_counter() - t0)
+
+
+def write_report(config: EncodeConfig, out: Path, manifest: Manifest, chunks: list[dict[str, Any]],
+                 encoded_rows: int, seconds: float) -> Report:
+    dropped: dict[str, int] = {}
+    for c in chunks:
+        for reason, n in c["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    pair_bytes = sum((out / s.path).stat().st_size for s in manifest.shards)
+    images_per_row = 4 if config.flip else 2
+    report = Report(
+        rows_read=sum(c["rows_read"] for c in chunks), rows_written=manifest.num_samples,
+        dropped=dict(sorted(dropped.items())), seconds=round(seconds, 2),
+        extra={"rows_encoded_this_run": encoded_rows, "rows_per_s": round(encoded_rows / seconds, 2),
+               "images_per_s": round(encoded_rows * images_per_row / seconds, 2),
+               "bytes_per_pair": round(pair_bytes / max(1, manifest.num_samples)),
+               "text_samples": manifest.num_text_samples},
+    )
+    report.save(out)
+    print(f"encode: done in {seconds:.1f}s: {report.rows_written}/{report.rows_read} rows written, "
+          f"{report.extra['rows_per_s']} rows/s, {report.extra['images_per_s']} images/s (VAE inputs incl. flips), "
+          f"dropped {report.dropped or 'nothing'}, {report.extra['bytes_per_pair']} bytes/pair, "
+          f"{manifest.num_text_samples} caption embeddings → {out / MANIFEST_NAME}", flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(EncodeConfig, argv, __doc__.split("\n")[0])
+    missing = [f.name for f in fields(EncodeConfig) if f.name in ("src", "out", "model") and not getattr(config, f.name)]
+    if missing:
+        print(f"error: missing required flags {['--' + m for m in missing]}", file=sys.stderr)
+        return 2
+    try:
+        run(config)
+    except (InputError, ConfigMismatch, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Caption embeddings, once per unique caption: a callable class Ray runs as an actor (no module-level Ray import).
+
+SD1.5: the text encoder's last hidden state [77, D], as the official trainer conditions on it.
+SDXL: both encoders' penultimate hidden states concatenated on the feature dim [77, D1 + D2], plus encoder 2's
+pooled projection `text_embeds` [P], exactly what StableDiffusionXLPipeline.encode_prompt feeds the UNet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from schemas.sample import caption_key, encode_tensors
+from stages.encode_latents import default_device, resolve_dtype
+
+MAX_LENGTH = 77
+
+
+def is_sdxl(model: str) -> bool:
+    """SDXL checkpoints have a second text encoder; that is the only difference the cache cares about."""
+    return (Path(model) / "text_encoder_2").is_dir()
+
+
+class CaptionEncoder:
+    """`encode(captions) → {"prompt_embeds": [N, 77, D] (+ "pooled_prompt_embeds": [N, P])}` in fp16."""
+
+    def __init__(self, model: str, dtype: str = "auto", device: str | None = None,
+                 num_threads: int | None = None) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = default_device(device)
+        self.dtype = resolve_dtype(dtype, self.device, force_upcast=False)
+        self.sdxl = is_sdxl(model)
+        self.tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")]
+        self.encoders: list[torch.nn.Module] = [CLIPTextModel.from_pretrained(model, subfolder="text_encoder")]
+        if self.sdxl:
+            self.tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))
+            self.encoders.append(CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2"))
+        for enc in self.encoders:
+            enc.to(self.device, self.dtype).eval().requires_grad_(False)
+
+    def _ids(self, tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+        return tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                         return_tensors="pt").input_ids.to(self.device)
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if not self.sdxl:
+            hidden = self.encoders[0](self._ids(self.tokenizers[0], captions))[0]
+            return {"prompt_embeds": hidden.half().cpu()}
+        hiddens, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders, strict=True):
+            out = encoder(self._ids(tokenizer, captions), output_hidden_states=True)
+            hiddens.append(out.hidden_states[-2])
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else None
+        return {"prompt_embeds": torch.cat(hiddens, dim=-1).half().cpu(), "pooled_prompt_embeds": pooled.half().cpu()}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Ray UDF: {"caption"} → WebDataset columns {"__key__": caption_key, "safetensors": bytes}."""
+        captions = [str(c) for c in batch["caption"]]
+        tensors = self.encode(captions)
+        members = [encode_tensors({k: v[i] for k, v in tensors.items()}) for i in range(len(captions))]
+        return {"__key__": np.asarray([caption_key(c) for c in captions], dtype=object),
+                "safetensors": np.asarray(members, dtype=object)}

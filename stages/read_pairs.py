@@ -1,0 +1,159 @@
+"""Find the Pick-a-Pic parquet files and pre-scan their cheap columns on the driver, before any Ray work.
+
+Why a pre-scan: a file-level problem (unreadable file, missing column, duplicate ranking_id) must stop the job with a
+message naming the file before anything is published, and the label/caption drops, the row count and the set of
+unique captions all come from three small columns, without touching the JPEG bytes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from schemas.manifest import DROP_BAD_LABEL, DROP_NULL_CAPTION, DROP_TIE
+
+REQUIRED_COLUMNS = ("ranking_id", "caption", "jpg_0", "jpg_1", "label_0", "image_0_uid", "image_1_uid")
+SCAN_COLUMNS = ["ranking_id", "label_0", "caption"]
+TIE_POLICIES = ("drop", "keep")
+TIE_LABEL = 0.5
+
+
+class InputError(Exception):
+    """A file-level problem with the input; the message names the file (and column)."""
+
+
+def valid_labels(tie_policy: str) -> list[float]:
+    if tie_policy not in TIE_POLICIES:
+        raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {tie_policy!r}")
+    return [0.0, 1.0, TIE_LABEL] if tie_policy == "keep" else [0.0, 1.0]
+
+
+def row_filter(tie_policy: str) -> Any:
+    """The Ray expression that keeps encodable rows; Ray pushes it into the parquet scan."""
+    from ray.data.expressions import col
+
+    return col("label_0").is_in(valid_labels(tie_policy)) & col("caption").is_not_null()
+
+
+def _is_hidden(path: str, root: str) -> bool:
+    """Skip `.cache/`, `.git/`, half-written `.x.tmp` folders and the like below the root."""
+    rel = path[len(root):] if path.startswith(root) else path
+    return any(part.startswith(".") for part in rel.split("/") if part)
+
+
+def list_parquet_files(src: str) -> tuple[str, list[str]]:
+    """SRC (directory, glob, comma-separated list, or fsspec URL) → (protocol, sorted unique paths).
+
+    Directories are searched recursively and only `*.parquet` files are kept (a hub snapshot also holds README,
+    .gitattributes, ...). Local paths come back plain; remote ones as URLs that Ray and fsspec both open.
+    """
+    protocols, files = set(), set()
+    for part in (p.strip() for p in src.split(",")):
+        if not part:
+            continue
+        fs, path = fsspec.core.url_to_fs(part)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        protocols.add("file" if protocol == "local" else protocol)
+        if fs.isdir(path):
+            found = [p for p in fs.find(path) if p.endswith(".parquet") and not _is_hidden(p, path)]
+        elif any(c in path for c in "*?["):
+            found = [p for p in fs.glob(path) if p.endswith(".parquet") and fs.isfile(p)]
+        elif fs.isfile(path):
+            found = [path]
+        else:
+            raise InputError(f"{part}: no such file or directory")
+        if not found:
+            raise InputError(f"{part}: no .parquet files found")
+        files.update(fs.unstrip_protocol(p) if protocols != {"file"} else p for p in found)
+    if len(protocols) > 1:
+        raise InputError(f"{src}: mixes filesystems {sorted(protocols)}; use one")
+    if not files:
+        raise InputError(f"{src!r}: no input given")
+    return protocols.pop(), sorted(files)
+
+
+@dataclass
+class FileScan:
+    rows: int
+    dropped: dict[str, int]
+
+
+@dataclass
+class Prescan:
+    files: list[str]
+    per_file: dict[str, FileScan]
+    captions: set[str] = field(default_factory=set)
+
+    @property
+    def rows_read(self) -> int:
+        return sum(s.rows for s in self.per_file.values())
+
+    def dropped(self, files: list[str]) -> Counter:
+        total: Counter = Counter()
+        for f in files:
+            total.update(self.per_file[f].dropped)
+        return total
+
+
+def _read_cheap_columns(path: str) -> pa.Table:
+    try:
+        with fsspec.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names = set(pf.schema_arrow.names)
+            missing = [c for c in REQUIRED_COLUMNS if c not in names]
+            if missing:
+                raise InputError(f"{path}: missing required column {missing[0]!r} (missing: {missing})")
+            return pf.read(columns=SCAN_COLUMNS)
+    except InputError:
+        raise
+    except Exception as e:  # pyarrow/fsspec raise many types for corrupt or unreadable files
+        raise InputError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from e
+
+
+def scan_file(path: str, tie_policy: str) -> tuple[FileScan, pa.Table]:
+    """Count the label/caption drops of one file; returns the scan and its (ranking_id, caption) of kept rows."""
+    table = _read_cheap_columns(path)
+    if table["ranking_id"].null_count:
+        raise InputError(f"{path}: column 'ranking_id' has {table['ranking_id'].null_count} null values")
+    label = table["label_0"]
+    try:
+        label = pc.cast(label, pa.float64())
+    except pa.ArrowInvalid as e:
+        raise InputError(f"{path}: column 'label_0' is not numeric ({label.type})") from e
+    valid = pc.fill_null(pc.is_in(label, pa.array(valid_labels(tie_policy))), False)
+    tie = pc.fill_null(pc.equal(label, TIE_LABEL), False)
+    null_caption = pc.and_(valid, pc.is_null(table["caption"]))
+    keep = pc.and_(valid, pc.invert(null_caption))
+    n_tie = 0 if tie_policy == "keep" else pc.sum(tie).as_py() or 0
+    n_invalid = len(table) - (pc.sum(valid).as_py() or 0)
+    dropped = {DROP_TIE: n_tie, DROP_BAD_LABEL: n_invalid - n_tie, DROP_NULL_CAPTION: pc.sum(null_caption).as_py() or 0}
+    return FileScan(len(table), {k: v for k, v in dropped.items() if v}), table.filter(keep)
+
+
+def prescan(files: list[str], tie_policy: str) -> Prescan:
+    """Scan every file; a duplicate ranking_id among kept rows (the resume key) is an error naming both files."""
+    result = Prescan(files=files, per_file={})
+    ids, owners = [], []
+    for i, path in enumerate(files):
+        scan, kept = scan_file(path, tie_policy)
+        result.per_file[path] = scan
+        result.captions.update(kept["caption"].to_pylist())
+        ids.append(kept["ranking_id"].to_numpy())
+        owners.append(np.full(len(kept), i))
+    _check_unique_ids(files, np.concatenate(ids), np.concatenate(owners))
+    return result
+
+
+def _check_unique_ids(files: list[str], ids: np.ndarray, owners: np.ndarray) -> None:
+    order = np.argsort(ids, kind="stable")
+    dup = np.nonzero(ids[order][1:] == ids[order][:-1])[0]
+    if len(dup):
+        a, b = order[dup[0]], order[dup[0] + 1]
+        raise InputError(f"duplicate ranking_id {int(ids[a])} in {files[owners[a]]} and {files[owners[b]]}")

@@ -1,0 +1,108 @@
+"""Pair samples → WebDataset tars via Ray, and the publish step that makes a chunk's tars visible all at once.
+
+Ray's `write_webdataset` writes straight to final paths, so tars are written into `<name>.tmp/`, checked member by
+member with tarfile (a truncated or partial tar fails here, not in the trainer), described in `_part.json`, and only
+then renamed into place. A published directory is complete by construction; the manifest lists only those.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray.data.datasource import FilenameProvider
+
+from schemas.atomic import atomic_write_json, publish_dir, read_json
+from schemas.sample import PAIR_META_EXT, TENSORS_EXT, encode_tensors, pair_key
+
+PART_INFO = "_part.json"  # per published directory: its tars with sample counts, plus what the stage recorded
+
+
+class ShardNames(FilenameProvider):
+    """`<prefix>-<write_uuid>-<task>.tar`: keeps write_uuid, which CheckpointConfig matches files by and which makes
+    names from different runs (task_index restarts at 0) never collide."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{self.prefix}-{write_uuid}-{task_index:06d}.tar"
+
+
+def to_pair_samples(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Encoder output → WebDataset columns: `__key__`, `json` (PairMeta), `safetensors` (all latent tensors).
+
+    `ranking_id` stays in the block because CheckpointConfig reads it at the Write; `drop_ranking_id` removes it
+    from the tar.
+    """
+    names = [k for k in batch if k not in ("ranking_id", PAIR_META_EXT)]
+    members = [encode_tensors({k: _tensor(batch[k][i]) for k in names}) for i in range(len(batch["ranking_id"]))]
+    return {
+        "__key__": np.asarray([pair_key(r) for r in batch["ranking_id"]], dtype=object),
+        PAIR_META_EXT: batch[PAIR_META_EXT],
+        TENSORS_EXT: np.asarray(members, dtype=object),
+        "ranking_id": batch["ranking_id"],
+    }
+
+
+def _tensor(a: np.ndarray) -> Any:
+    import torch
+
+    return torch.from_numpy(np.array(a))  # a copy: Ray hands out read-only views
+
+
+def drop_ranking_id(sample: dict[str, Any]) -> dict[str, Any]:
+    """write_webdataset encoder: the id is already in the key and the json; members stay raw bytes."""
+    return {k: v for k, v in sample.items() if k != "ranking_id"}
+
+
+def scan_tar(path: Path, required: tuple[str, ...]) -> list[str]:
+    """Read a tar to the end; returns its keys in order. Raises ValueError naming the tar and key when a sample
+    lacks a member or has an unexpected one (only .json/.safetensors are allowed: nothing pickled)."""
+    members: dict[str, set[str]] = {}
+    try:
+        with tarfile.open(path) as tar:
+            for info in tar:
+                key, _, ext = info.name.partition(".")
+                members.setdefault(key, set()).add(ext)
+    except (tarfile.TarError, OSError) as e:
+        raise ValueError(f"{path}: unreadable tar ({e})") from e
+    for key, exts in members.items():
+        if exts != set(required):
+            raise ValueError(f"{path}: sample {key} has members {sorted(exts)}, expected {sorted(required)}")
+    return list(members)
+
+
+def finalize_part(tmp: Path, final: Path, required: tuple[str, ...], info: dict[str, Any]) -> dict[str, Any]:
+    """Check every tar under `tmp`, drop empty ones, write `_part.json` and publish `tmp` as `final`."""
+    shards, keys = [], Counter()
+    for tar in sorted(tmp.glob("*.tar")):
+        tar_keys = scan_tar(tar, required)
+        if not tar_keys:
+            tar.unlink()  # a write task that got no rows (e.g. every row already checkpointed)
+            continue
+        keys.update(tar_keys)
+        shards.append({"path": tar.name, "num_samples": len(tar_keys)})
+    duplicates = [k for k, n in keys.items() if n > 1]
+    if duplicates:
+        raise ValueError(f"{tmp}: {len(duplicates)} keys written twice, e.g. {duplicates[0]}")
+    part = {**info, "shards": shards, "num_samples": sum(s["num_samples"] for s in shards), "keys": sorted(keys)}
+    atomic_write_json(tmp / PART_INFO, part)
+    publish_dir(tmp, final)
+    return part
+
+
+def load_part(final: Path) -> dict[str, Any] | None:
+    """A published directory's `_part.json`, or None when it is not published."""
+    path = final / PART_INFO
+    return read_json(path) if path.exists() else None
+
+
+def reset_dir(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path

@@ -1,0 +1,247 @@
+"""The encode CLI end to end on a real two-node Ray cluster: contract, drops, idempotence, resume, job submit."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+
+from schemas.manifest import Manifest, Report
+from schemas.sample import PairMeta, caption_key, latent_tensor_names, pair_key
+from stages.encode import main
+from stages.read_pairs import list_parquet_files
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--resolution", "64", "--shard-size", "16", "--num-encoders", "1", "--encode-batch-size", "16"]
+
+
+def png(mode: str, size: tuple[int, int], colour: object) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, "PNG" if mode in ("RGBA", "P", "L") else "JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def messy_src(synthetic_parquet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic train files + one file of crafted bad/odd rows + a README, as a hub snapshot directory."""
+    src = tmp_path_factory.mktemp("messy") / "snapshot"
+    shutil.copytree(synthetic_parquet / "train", src / "data")
+    (src / "README.md").write_text("not parquet")
+    template = pq.read_table(sorted((src / "data").glob("*.parquet"))[0]).slice(0, 1).to_pylist()[0]
+    good = template["jpg_0"]
+    cases = {  # ranking_id offset → (changes, expected drop reason or None when converted)
+        0: ({"jpg_0": b""}, "empty_image"),
+        1: ({"jpg_1": good[: len(good) // 3]}, "undecodable_image"),
+        2: ({"jpg_0": b"garbage bytes"}, "undecodable_image"),
+        3: ({"jpg_1": None}, "null_image"),
+        4: ({"label_0": 0.7}, "bad_label"),
+        5: ({"label_0": None}, "bad_label"),
+        6: ({"caption": None}, "null_caption"),
+        7: ({"jpg_0": png("L", (300, 200), 128)}, None),
+        8: ({"jpg_0": png("CMYK", (200, 300), (0, 255, 0, 0))}, None),
+        9: ({"jpg_1": png("RGBA", (256, 256), (0, 0, 0, 0))}, None),
+        10: ({"jpg_0": png("RGB", (2000, 40), (200, 10, 10))}, None),
+        11: ({"label_0": 0.5}, "tie"),
+    }
+    rows = [{**template, "ranking_id": 9_000_000 + i, "label_0": 1.0, **changes} for i, (changes, _) in cases.items()]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(src / "data" / os.listdir(src / "data")[0])),
+                   src / "data" / "zz-odd.parquet")
+    return src
+
+
+def encode(args: list[str], cluster, **kw) -> subprocess.CompletedProcess:
+    env = {**cluster.env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "stages.encode", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def read_samples(out: Path) -> dict[str, dict]:
+    """Every pair sample the manifest lists, read with tarfile (every listed tar must read to its end)."""
+    manifest = Manifest.load(out)
+    samples: dict[str, dict] = {}
+    for shard in manifest.shards:
+        with tarfile.open(out / shard.path) as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar]
+        keys = {name.split(".", 1)[0] for name, _ in members}
+        assert len(keys) == shard.num_samples, shard
+        for name, data in members:
+            key, ext = name.split(".", 1)
+            assert ext in ("json", "safetensors"), name  # nothing pickled
+            samples.setdefault(key, {})[ext] = data
+    return samples
+
+
+def text_keys(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    texts = {}
+    for shard in Manifest.load(out).text_shards:
+        with tarfile.open(out / shard.path) as tar:
+            for m in tar:
+                assert m.name.endswith(".safetensors"), m.name
+                texts[m.name.split(".")[0]] = load_safetensors(tar.extractfile(m).read())
+    return texts
+
+
+def check_contract(out: Path, src_rows: dict[int, dict], family: str, mode: str, flip: bool) -> dict[str, PairMeta]:
+    manifest = Manifest.load(out)
+    assert manifest.model_family == family and manifest.latent_mode == mode and manifest.flip_variants == flip
+    assert manifest.latent_shape == [4, 8, 8] and manifest.latent_dtype == "float16"
+    assert manifest.text_embed_shape == [77, 96 if family == "sdxl" else 32]
+    assert manifest.pooled_embed_dim == (32 if family == "sdxl" else None)
+    texts = text_keys(out)
+    assert manifest.empty_caption_key == caption_key("") and caption_key("") in texts
+    metas = {}
+    for key, sample in read_samples(out).items():
+        meta = PairMeta.from_json_bytes(sample["json"])
+        tensors = load_safetensors(sample["safetensors"])
+        assert sorted(tensors) == sorted(latent_tensor_names(mode, flip))
+        assert all(t.dtype == torch.float16 and t.shape == (4, 8, 8) for t in tensors.values())
+        row = src_rows[meta.ranking_id]
+        assert key == pair_key(meta.ranking_id) and meta.caption_key == caption_key(row["caption"])
+        w, l = ("0", "1") if row["label_0"] >= 0.5 else ("1", "0")  # noqa: E741 - winner first; ties keep jpg_0
+        assert (meta.w.uid, meta.l.uid) == (row[f"image_{w}_uid"], row[f"image_{l}_uid"])
+        size_w = Image.open(io.BytesIO(row[f"jpg_{w}"])).size
+        assert meta.w.original_size == (size_w[1], size_w[0])
+        assert meta.caption_key in texts
+        if family == "sdxl":
+            assert texts[meta.caption_key]["pooled_prompt_embeds"].shape == (32,)
+        metas[key] = meta
+    return metas
+
+
+def rows_of(src: Path) -> dict[int, dict]:
+    _, files = list_parquet_files(str(src))
+    return {r["ranking_id"]: r for f in files for r in pq.read_table(f).to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def sd15_out(messy_src: Path, tiny_sd15: Path, ray_cluster, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("enc") / "sd15"
+    r = encode(["--src", str(messy_src), "--out", str(out), "--model", str(tiny_sd15), *FAST,
+                "--chunk-files", "6", "--ray-address", ray_cluster.address], ray_cluster)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_sd15_contract_drops_and_conversions(sd15_out: Path, messy_src: Path) -> None:
+    rows = rows_of(messy_src)
+    metas = check_contract(sd15_out, rows, "sd15", "moments", True)
+    report = Report.load(sd15_out)
+    ties = sum(r["label_0"] == 0.5 for r in rows.values())
+    assert report.rows_read == len(rows) and report.rows_written == len(metas)
+    assert report.rows_read == report.rows_written + sum(report.dropped.values())
+    assert report.dropped == {"tie": ties, "bad_label": 2, "null_caption": 1, "null_image": 1, "empty_image": 1,
+                              "undecodable_image": 2}
+    converted = {pair_key(9_000_000 + i) for i in (7, 8, 9, 10)}  # grayscale, CMYK, alpha, extreme aspect
+    assert converted <= set(metas)
+    assert metas[pair_key(9_000_010)].w.original_size == (40, 2000)
+    assert len(Manifest.load(sd15_out).shards) >= 2 and (sd15_out / "pairs" / "chunk_00001").is_dir()
+
+
+def test_rerun_is_a_noop_and_other_config_is_an_error(sd15_out: Path, messy_src: Path, tiny_sd15: Path,
+                                                      ray_cluster) -> None:
+    before = (sd15_out / "manifest.json").read_bytes()
+    args = ["--src", str(messy_src), "--out", str(sd15_out), "--model", str(tiny_sd15), *FAST, "--chunk-files", "6"]
+    r = encode([*args, "--ray-address", ray_cluster.address], ray_cluster)
+    assert r.returncode == 0 and "nothing to do" in r.stdout
+    assert (sd15_out / "manifest.json").read_bytes() == before
+    r = encode([*args, "--tie-policy", "keep", "--no-flip"], ray_cluster)
+    assert r.returncode == 2 and "flip" in r.stderr and "tie_policy" in r.stderr
+
+
+def test_sdxl_keeps_ties_and_has_pooled(synthetic_parquet: Path, tiny_sdxl: Path, ray_cluster, tmp_path) -> None:
+    src = synthetic_parquet / "validation"
+    r = encode(["--src", str(src), "--out", str(tmp_path / "o"), "--model", str(tiny_sdxl), *FAST,
+                "--tie-policy", "keep", "--ray-address", ray_cluster.address], ray_cluster)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = rows_of(src)
+    metas = check_contract(tmp_path / "o", rows, "sdxl", "moments", True)
+    assert len(metas) == len(rows) and any(m.label_0 == 0.5 for m in metas.values())
+
+
+def test_mean_mode_no_flip_from_file_url_glob(synthetic_parquet: Path, tiny_sd15: Path, ray_cluster,
+                                              tmp_path) -> None:
+    src = f"file://{synthetic_parquet}/validation/*.parquet"
+    r = encode(["--src", src, "--out", str(tmp_path / "o"), "--model", str(tiny_sd15), *FAST,
+                "--latent-mode", "mean", "--no-flip", "--ray-address", ray_cluster.address], ray_cluster)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metas = check_contract(tmp_path / "o", rows_of(synthetic_parquet / "validation"), "sd15", "mean", False)
+    assert all(m.label_0 in (0.0, 1.0) for m in metas.values())
+
+
+def test_source_forms_list_the_same_files(messy_src: Path) -> None:
+    data = messy_src / "data"
+    (data / ".cache").mkdir()
+    (data / ".cache" / "x.parquet").write_bytes(b"hidden, ignored")
+    _, from_dir = list_parquet_files(str(messy_src))
+    expected = sorted(str(p) for p in data.glob("*.parquet"))
+    assert from_dir == expected
+    assert list_parquet_files(str(data / "*.parquet"))[1] == expected
+    assert list_parquet_files(f"file://{data}")[1] == expected
+    assert list_parquet_files(",".join(reversed(expected)))[1] == expected
+    shutil.rmtree(data / ".cache")
+
+
+@pytest.mark.parametrize("problem", ["unreadable", "missing_column"])
+def test_file_level_errors_name_file_and_column(problem: str, synthetic_parquet: Path, tiny_sd15: Path,
+                                                tmp_path: Path, capsys) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(synthetic_parquet / "validation", src)
+    bad = src / "validation-bad.parquet"
+    if problem == "unreadable":
+        bad.write_bytes(b"PAR1 this is not parquet")
+    else:
+        pq.write_table(pq.read_table(next(src.glob("*.parquet"))).drop_columns(["label_0"]), bad)
+    rc = main(["--src", str(src), "--out", str(tmp_path / "o"), "--model", str(tiny_sd15), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(bad) in err
+    assert ("label_0" in err) if problem == "missing_column" else ("not a readable parquet" in err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_kill9_then_rerun_publishes_exactly_the_same_rows(sd15_out: Path, messy_src: Path, tiny_sd15: Path,
+                                                          ray_cluster, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    args = ["--src", str(messy_src), "--out", str(out), "--model", str(tiny_sd15), *FAST, "--chunk-files", "6",
+            "--ray-address", ray_cluster.address]
+    env = {**ray_cluster.env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.encode", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # kill while chunk 0 is being written: a tar exists in its .tmp dir
+        tmp = out / "pairs" / "chunk_00000.tmp"
+        while proc.poll() is None and not list(tmp.glob("*.tar")):
+            time.sleep(0.05)
+        assert proc.poll() is None, "finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (out / "manifest.json").exists()
+    r = encode(args, ray_cluster)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, want = read_samples(out), read_samples(sd15_out)
+    assert sorted(got) == sorted(want)
+    assert Report.load(out).dropped == Report.load(sd15_out).dropped
+
+
+def test_ray_job_submit_on_two_nodes(synthetic_parquet: Path, tiny_sd15: Path, ray_cluster, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    r = subprocess.run(
+        [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_cluster.dashboard_url,
+         "--working-dir", str(REPO), "--", "python", "-m", "stages.encode", "--src",
+         str(synthetic_parquet / "validation"), "--out", str(out), "--model", str(tiny_sd15), *FAST],
+        cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "succeeded" in r.stdout
+    check_contract(out, rows_of(synthetic_parquet / "validation"), "sd15", "moments", True)
