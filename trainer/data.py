@@ -1,0 +1,293 @@
+"""The trainer's input: an infinite, rank-sharded stream of latent-pair batches that resumes exactly in O(1).
+
+Layout of the stream (recipe D of the design notes, plus cross-shard mixing):
+* The global shard sequence is epoch after epoch of a seeded permutation of the manifest's shards. With
+  S = world_size × num_workers "slots" (slot = rank × W + worker role), slot s reads positions s, s + S, s + 2S, …,
+  so ranks see disjoint data and no slot ever runs dry, however few shards there are.
+* A worker reads its shards `shards_in_flight` at a time and permutes the group's samples with a generator seeded by
+  (seed, slot, group): mixing without a shuffle buffer whose state would need saving.
+* Batches are formed inside the worker; all per-sample randomness (posterior noise, flip, caption dropout) is seeded
+  by (seed, slot, batch index), so batch n is a pure function of n.
+* Resuming at loader batch n therefore needs only n: each worker computes where its logical stream stands from the
+  manifest's per-shard counts and opens just the group it lands in.
+
+The loader must NOT go through `accelerator.prepare`, which would shard the already rank-sharded stream again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from schemas.manifest import Manifest
+from schemas.sample import PAIR_META_EXT, TENSORS_EXT, PairMeta, decode_tensors, latent_tensor_names
+from trainer.text_store import TextEmbeddingStore
+
+_MEMBER_EXTS = (f".{PAIR_META_EXT}", f".{TENSORS_EXT}")
+_BLOCK_POSITIONS = 1 << 16  # shard-sequence positions whose epoch permutations are drawn in one vectorised call
+
+
+def _seed(*parts: int) -> int:
+    """A 64-bit seed from a tuple of non-negative ints, so (seed, slot, batch) streams never collide."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0])
+
+
+@dataclass(frozen=True)
+class _RawPair:
+    """A pair sample as read from its tar: undecoded bytes, so a group in flight costs what its files cost."""
+
+    key: str
+    where: str  # "shard.tar:key", for error messages
+    meta: bytes
+    tensors: bytes
+
+
+def read_pair_shard(path: Path, expected: int) -> list[_RawPair]:
+    """All pair samples of one tar, in file order; only .json and .safetensors members are read.
+
+    The count must match the manifest: resume positions are computed from the manifest counts alone.
+    """
+    out = []
+    with open(path, "rb") as stream:
+        members = tar_file_expander([{"url": str(path), "stream": stream}],
+                                    select_files=lambda name: name.endswith(_MEMBER_EXTS))
+        for sample in group_by_keys(members):
+            key = sample["__key__"]
+            missing = [ext for ext in (PAIR_META_EXT, TENSORS_EXT) if ext not in sample]
+            if missing:
+                raise ValueError(f"{path}:{key}: pair sample lacks members {missing}")
+            out.append(_RawPair(key, f"{path}:{key}", sample[PAIR_META_EXT], sample[TENSORS_EXT]))
+    if len(out) != expected:
+        raise ValueError(f"{path}: {len(out)} samples, manifest says {expected}")
+    return out
+
+
+class _ShardSequence:
+    """The global shard sequence: epoch e is a permutation of all shards, epochs concatenated.
+
+    Permutations are drawn for a block of E = max(1, 2**16 // n) epochs at once from a generator seeded by
+    (seed, e // E) (row e % E), so walking a million steps ahead costs a few argsorts instead of a Python loop per
+    epoch.
+    """
+
+    def __init__(self, counts: np.ndarray, seed: int) -> None:
+        self.counts = counts
+        self.seed = seed
+        self.n = len(counts)
+        self.block_epochs = max(1, _BLOCK_POSITIONS // self.n)
+        self.block_len = self.block_epochs * self.n
+        self._cache: dict[int, np.ndarray] = {}
+
+    def block(self, b: int) -> np.ndarray:
+        if b not in self._cache:
+            if len(self._cache) >= 2:
+                self._cache.pop(next(iter(self._cache)))
+            rng = np.random.default_rng([self.seed, b])
+            perms = np.argsort(rng.random((self.block_epochs, self.n)), axis=1, kind="stable")
+            self._cache[b] = perms.ravel()
+        return self._cache[b]
+
+    def shard_at(self, positions: np.ndarray) -> np.ndarray:
+        return np.array([self.block(int(p) // self.block_len)[int(p) % self.block_len] for p in positions],
+                        dtype=np.int64)
+
+    def locate(self, slot: int, slots: int, skip: int) -> tuple[int, int]:
+        """For slot `slot`'s sub-sequence (positions slot + j·slots): the j holding sample `skip` of the slot's
+        stream, and how many samples precede shard j. Vectorised over one block of positions at a time."""
+        before = 0
+        b = 0
+        while True:
+            lo = b * self.block_len
+            first = lo + (slot - lo) % slots
+            positions = np.arange(first, lo + self.block_len, slots)
+            if len(positions):
+                cum = before + np.cumsum(self.counts[self.block(b)[positions - lo]])
+                if cum[-1] > skip:
+                    i = int(np.searchsorted(cum, skip, side="right"))
+                    prior = int(cum[i - 1]) if i else before
+                    return (int(positions[i]) - slot) // slots, prior
+                before = int(cum[-1])
+            b += 1
+
+
+class LatentPairStream(IterableDataset):
+    """Infinite batches of cached latent pairs for one rank; see the module docstring for the layout.
+
+    `start_batch` is the number of batches this rank's loader already delivered; the same seed, world size and
+    num_workers reproduce the uninterrupted stream from there. Random flips use the cached `_flip` latents, so they
+    only happen when the encode cached them.
+    """
+
+    def __init__(self, data_dir: str | Path, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, start_batch: int = 0, caption_dropout: float = 0.0,
+                 shards_in_flight: int = 4, random_flip: bool = True, sample_latents: bool = True) -> None:
+        super().__init__()
+        os.environ.setdefault("WDS_SECURE", "1")  # webdataset refuses pickle-based decoders
+        if batch_size < 1 or shards_in_flight < 1 or num_workers < 0 or start_batch < 0 or seed < 0:
+            raise ValueError("batch_size and shards_in_flight must be >= 1; num_workers, start_batch, seed >= 0")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout {caption_dropout} outside [0, 1]")
+        self.data_dir = Path(data_dir)
+        self.manifest = Manifest.load(self.data_dir)
+        if self.manifest.num_samples == 0:
+            raise ValueError(f"{self.data_dir}: manifest lists no pair samples")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.start_batch = start_batch
+        self.caption_dropout = caption_dropout
+        self.shards_in_flight = shards_in_flight
+        self.random_flip = random_flip and self.manifest.flip_variants
+        self.sample_latents = sample_latents
+        self.collate = PairCollator(self.data_dir, self.manifest)
+        self.sequence = _ShardSequence(np.array([s.num_samples for s in self.manifest.shards], dtype=np.int64), seed)
+
+    def _role(self) -> tuple[int, int]:
+        """(slot, workers per rank) for the calling process, with the resume rotation applied."""
+        info = get_worker_info()
+        workers = max(self.num_workers, 1)
+        worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != workers:
+            raise RuntimeError(f"stream built for num_workers={self.num_workers}, loader has {info.num_workers}")
+        role = (worker + self.start_batch) % workers
+        return self.rank * workers + role, workers
+
+    def _group_samples(self, slot: int, slots: int, group: int) -> list[_RawPair]:
+        k = self.shards_in_flight
+        positions = slot + slots * np.arange(group * k, (group + 1) * k)
+        samples: list[_RawPair] = []
+        for shard in self.sequence.shard_at(positions):
+            entry = self.manifest.shards[shard]
+            samples.extend(read_pair_shard(self.data_dir / entry.path, entry.num_samples))
+        order = np.random.default_rng([self.seed, slot, group]).permutation(len(samples))
+        return [samples[i] for i in order]
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, workers = self._role()
+        slots = self.world_size * workers
+        role = slot - self.rank * workers
+        batch_index = self.start_batch // workers + (role < self.start_batch % workers)
+        skip = batch_index * self.batch_size
+        j, before = self.sequence.locate(slot, slots, skip)
+        group = j // self.shards_in_flight
+        first = group * self.shards_in_flight
+        # samples of the landing group that precede shard j, from the manifest counts (no file opened)
+        before -= int(self.sequence.counts[self.sequence.shard_at(slot + slots * np.arange(first, j))].sum())
+        offset = skip - before
+        pending: list[_RawPair] = []
+        while True:
+            pending.extend(self._group_samples(slot, slots, group)[offset:])
+            offset = 0
+            group += 1
+            start = 0
+            while len(pending) - start >= self.batch_size:  # a batch may straddle two groups
+                yield self._make_batch(pending[start:start + self.batch_size], slot, batch_index)
+                start += self.batch_size
+                batch_index += 1
+            pending = pending[start:]
+
+    def _make_batch(self, batch: list[_RawPair], slot: int, batch_index: int) -> dict:
+        g = torch.Generator().manual_seed(_seed(self.seed, slot, batch_index))
+        n = len(batch)
+        flips = (torch.rand(n, generator=g) < 0.5) & self.random_flip
+        drops = torch.rand(n, generator=g) < self.caption_dropout
+        eps = None
+        if self.sample_latents and self.manifest.latent_mode == "moments":
+            eps = torch.randn((n, 2, *self.manifest.latent_shape), generator=g)
+        return self.collate(batch, flips, drops, eps)
+
+
+class PairCollator:
+    """Decodes raw pair samples into a training batch: scaled latents, text embeddings, labels, SDXL time ids."""
+
+    def __init__(self, data_dir: Path, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.required = latent_tensor_names(manifest.latent_mode, manifest.flip_variants)
+        self.text = TextEmbeddingStore(data_dir, manifest)
+        self.is_sdxl = manifest.model_family == "sdxl"
+
+    def _latent(self, tensors: dict[str, torch.Tensor], side: str, view: str, eps: torch.Tensor | None,
+                where: str) -> torch.Tensor:
+        """(mean + exp(logvar / 2)·eps − shift)·scale; the plain mean when eps is None."""
+        mean = tensors[f"{side}_mean{view}"]
+        if list(mean.shape) != self.manifest.latent_shape:
+            raise ValueError(f"{where}: latent shape {list(mean.shape)}, manifest says {self.manifest.latent_shape}")
+        latent = mean.float()
+        if eps is not None:
+            latent = latent + torch.exp(0.5 * tensors[f"{side}_logvar{view}"].float()) * eps
+        if self.manifest.vae_shift_factor is not None:
+            latent = latent - self.manifest.vae_shift_factor
+        return latent * self.manifest.vae_scaling_factor
+
+    def __call__(self, batch: list[_RawPair], flips: torch.Tensor, drops: torch.Tensor,
+                 eps: torch.Tensor | None) -> dict:
+        out: dict[str, list] = {k: [] for k in ("w_latents", "l_latents", "prompt_embeds", "pooled_prompt_embeds",
+                                                  "w_time_ids", "l_time_ids", "label", "keys")}
+        resolution = self.manifest.resolution
+        for i, raw in enumerate(batch):
+            meta = PairMeta.from_json_bytes(raw.meta, raw.where)
+            tensors = decode_tensors(raw.tensors, self.required, raw.where)
+            flip = bool(flips[i])
+            view = "_flip" if flip else ""
+            for j, (side, image) in enumerate((("w", meta.w), ("l", meta.l))):
+                out[f"{side}_latents"].append(
+                    self._latent(tensors, side, view, None if eps is None else eps[i, j], raw.where))
+                if self.is_sdxl:
+                    top, left = image.crop_top_left_flip if flip else image.crop_top_left
+                    out[f"{side}_time_ids"].append([*image.original_size, top, left, resolution, resolution])
+            try:
+                text = self.text.empty() if drops[i] else self.text.get(meta.caption_key)
+            except KeyError as e:
+                raise KeyError(f"{raw.where}: {e.args[0]}") from None
+            out["prompt_embeds"].append(text["prompt_embeds"])
+            if self.is_sdxl:
+                out["pooled_prompt_embeds"].append(text["pooled_prompt_embeds"])
+            out["label"].append(0.5 if meta.label_0 == 0.5 else 1.0)
+            out["keys"].append(raw.key)
+        result: dict = {k: torch.stack(out[k]) for k in ("w_latents", "l_latents", "prompt_embeds")}
+        result["label"] = torch.tensor(out["label"], dtype=torch.float32)
+        result["keys"] = out["keys"]
+        if self.is_sdxl:
+            result["pooled_prompt_embeds"] = torch.stack(out["pooled_prompt_embeds"])
+            for side in ("w", "l"):
+                result[f"{side}_time_ids"] = torch.tensor(out[f"{side}_time_ids"], dtype=torch.float32)
+        return result
+
+
+def make_loader(stream: LatentPairStream, *, pin_memory: bool = False) -> DataLoader:
+    """A plain in-order DataLoader over the stream (batches come pre-formed); keep it out of accelerator.prepare."""
+    workers = stream.num_workers
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0, in_order=True)
+
+
+def iter_eval_batches(data_dir: str | Path, *, batch_size: int, max_pairs: int | None = None) -> Iterator[dict]:
+    """Every pair once, in manifest order, deterministically: posterior means, no flip, no caption dropout."""
+    os.environ.setdefault("WDS_SECURE", "1")
+    data_dir = Path(data_dir)
+    manifest = Manifest.load(data_dir)
+    collate = PairCollator(data_dir, manifest)
+    limit = manifest.num_samples if max_pairs is None else min(max_pairs, manifest.num_samples)
+    pending: list[_RawPair] = []
+    done = 0
+    for entry in manifest.shards:
+        if done + len(pending) >= limit:
+            break
+        pending.extend(read_pair_shard(data_dir / entry.path, entry.num_samples))
+        pending = pending[:limit - done]
+        while len(pending) >= batch_size or (pending and done + len(pending) == limit):
+            batch, pending = pending[:batch_size], pending[batch_size:]
+            off = torch.zeros(len(batch), dtype=torch.bool)
+            yield collate(batch, off, off, None)
+            done += len(batch)
