@@ -1,0 +1,93 @@
+"""Checkpoints: pickle-free optimizer round trip, atomic layout, pruning, `latest`, topology refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from schemas.config import TrainConfig
+from trainer.checkpoint import (
+    check_topology,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
+from trainer.optim import build_lr_scheduler, build_optimizer
+
+
+def _setup(optimizer: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+    model[0].bias.requires_grad_(False)  # a frozen parameter must not shift optimizer indices
+    cfg = TrainConfig(optimizer=optimizer, lr_warmup_steps=3, max_steps=10)
+    opt = build_optimizer((p for p in model.parameters() if p.requires_grad), cfg, lr=1e-2)
+    return model, opt, build_lr_scheduler(opt, cfg)
+
+
+def _step(model, opt, sched, i: int) -> None:
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(i))
+    model(x).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    sched.step()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_round_trip_continues_identically(tmp_path: Path, optimizer: str) -> None:
+    accelerator = Accelerator()
+    model, opt, sched = _setup(optimizer)
+    for i in range(3):
+        _step(model, opt, sched, i)
+    path = save_checkpoint(accelerator, tmp_path, 3, model, opt, sched, {"batches_consumed": 3}, total_limit=2)
+    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "optimizer.json",
+                                                       "optimizer.safetensors", "state.json"]
+    for i in range(3, 6):
+        _step(model, opt, sched, i)
+
+    fresh, opt2, sched2 = _setup(optimizer, seed=1)
+    fresh[0].bias.data.copy_(model[0].bias)  # frozen weights come from the base model, not the checkpoint
+    state = load_checkpoint(path, accelerator, fresh, opt2, sched2)
+    assert state["global_step"] == 3 and state["batches_consumed"] == 3
+    assert sched2.get_last_lr() == pytest.approx([1e-2])  # warmup of 3 steps done
+    for i in range(3, 6):
+        _step(fresh, opt2, sched2, i)
+    for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_latest_ignores_tmp_and_prunes(tmp_path: Path) -> None:
+    accelerator = Accelerator()
+    model, opt, sched = _setup("adamw")
+    _step(model, opt, sched, 0)
+    for step in (1, 2, 3):
+        save_checkpoint(accelerator, tmp_path, step, model, opt, sched, {}, total_limit=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
+    torn = tmp_path / "checkpoints" / "step_00000009.tmp"  # a save killed half-way
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"partial")
+    assert resolve_resume("latest", tmp_path).name == "step_00000003"
+    assert resolve_resume("latest", tmp_path / "elsewhere") is None
+    with pytest.raises(FileNotFoundError, match=r"state\.json"):
+        resolve_resume(str(torn), tmp_path)
+
+
+def test_wrong_weights_are_refused(tmp_path: Path) -> None:
+    accelerator = Accelerator()
+    model, opt, sched = _setup("adamw")
+    path = save_checkpoint(accelerator, tmp_path, 1, model, opt, sched, {}, total_limit=0)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8))
+    opt2 = build_optimizer(other.parameters(), TrainConfig(), lr=1e-2)
+    with pytest.raises(SystemExit, match="does not match the model"):
+        load_checkpoint(path, accelerator, other, opt2, build_lr_scheduler(opt2, TrainConfig()))
+
+
+def test_topology_mismatch_is_refused(tmp_path: Path) -> None:
+    saved = json.loads(json.dumps({"world_size": 2, "batch_size": 4, "num_workers": 1}))
+    check_topology(tmp_path, saved, dict(saved))
+    with pytest.raises(SystemExit, match=r"world_size: checkpoint 2, now 1"):
+        check_topology(tmp_path, saved, {**saved, "world_size": 1})

@@ -1,0 +1,186 @@
+"""Pickle-free, atomic training checkpoints and the final diffusers-layout export.
+
+`OUT/checkpoints/step_{n:08d}/` holds:
+  model.safetensors      the trainable parameters by name (the whole UNet, or only the LoRA weights)
+  optimizer.safetensors  optimizer tensors keyed `state.{param_idx}.{name}`
+  optimizer.json         the optimizer's non-tensor state and param_groups
+  state.json             step, skipped steps, data position, lr schedule, topology, seed, config
+All randomness in training is counter-based (seeded by seed, rank and step), so no RNG state is needed.
+
+A checkpoint is written as `step_n.tmp` by the main process, fsynced, and renamed once complete, so a crash while
+saving leaves the previous checkpoint intact, and `latest` never picks a `.tmp`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from schemas.atomic import atomic_write_json, publish_dir, read_json
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+# Test hook: seconds to sleep half-way through writing a checkpoint, so a test can SIGKILL a save in progress.
+SAVE_DELAY_ENV = "TRAINER_TEST_SAVE_DELAY_S"
+# A resume must see the same data topology, or its data position would point at different batches.
+TOPOLOGY_KEYS = ("world_size", "batch_size", "num_workers")
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"step_{step:08d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first; `*.tmp` folders left by a crashed save are not checkpoints."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file())
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """`latest` → the newest complete checkpoint (None when there is none yet); else the given directory."""
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"--resume {resume}: no state.json there; not a complete checkpoint")
+    return path
+
+
+def trainable_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in unet.named_parameters() if p.requires_grad}
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _split_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in sd["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"state": scalars, "param_groups": sd["param_groups"]}
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, unet: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, lr_scheduler: Any, state: dict[str, Any],
+                    total_limit: int) -> Path:
+    """Write checkpoint `step` atomically from the main process; every rank must call this (it synchronises)."""
+    final = checkpoint_dir(output_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(trainable_state(unet), tmp / "model.safetensors")
+        if delay := float(os.environ.get(SAVE_DELAY_ENV, "0")):
+            time.sleep(delay)
+        opt_tensors, opt_json = _split_optimizer_state(optimizer)
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        atomic_write_json(tmp / "optimizer.json", opt_json)
+        sched = lr_scheduler.state_dict()
+        sched.pop("lr_lambdas", None)  # closures; rebuilt from the config
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        atomic_write_json(tmp / "state.json", {**state, "global_step": step, "lr_scheduler": sched,
+                                               "grad_scaler": scaler})
+        _fsync_tree(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        publish_dir(tmp, final)
+        if total_limit > 0:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def check_topology(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}" for k in TOPOLOGY_KEYS
+             if saved.get(k) != current[k]]
+    if diffs:
+        raise SystemExit(f"error: cannot resume from {path}: the data position depends on the topology, which "
+                         f"differs ({'; '.join(diffs)}). Resume with the same settings.")
+
+
+def load_checkpoint(path: Path, accelerator: Accelerator, unet: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    lr_scheduler: Any) -> dict[str, Any]:
+    """Restore weights, optimizer, lr schedule and grad scaler in place; returns state.json for the rest."""
+    state = read_json(path / "state.json")
+    weights = load_file(path / "model.safetensors")
+    params = dict(unet.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise SystemExit(f"error: {path / 'model.safetensors'} does not match the model "
+                         f"(missing {missing[:5]}, unexpected {extra[:5]}); was it saved with another LoRA setting?")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    opt_json = read_json(path / "optimizer.json")
+    tensors = load_file(path / "optimizer.safetensors")
+    per_param: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in opt_json["state"].items()}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        per_param.setdefault(int(idx), {})[name] = value
+    groups = []
+    for current, saved in zip(optimizer.state_dict()["param_groups"], opt_json["param_groups"], strict=True):
+        groups.append({k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()})
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    sched = dict(state["lr_scheduler"])
+    sched["lr_lambdas"] = [None] * len(sched["base_lrs"])
+    lr_scheduler.load_state_dict(sched)
+    if accelerator.scaler is not None and state.get("grad_scaler"):
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
+    return state
+
+
+def export_final(accelerator: Accelerator, unet: UNet2DConditionModel, output_dir: str | Path,
+                 is_sdxl: bool) -> Path:
+    """`OUT/final/unet/` (merged UNet, diffusers layout) and, for LoRA, `OUT/final/lora/` loadable by
+    `pipe.load_lora_weights`. Each folder is written aside and renamed into place."""
+    final = Path(output_dir) / "final"
+    if accelerator.is_main_process:
+        final.mkdir(parents=True, exist_ok=True)
+        if getattr(unet, "_hf_peft_config_loaded", False):
+            lora_tmp = final / "lora.tmp"
+            shutil.rmtree(lora_tmp, ignore_errors=True)
+            pipeline = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+            pipeline.save_lora_weights(
+                lora_tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+            publish_dir(lora_tmp, final / "lora")
+            unet = copy.deepcopy(unet)
+            unet.fuse_lora()
+            unet.unload_lora()
+        unet_tmp = final / "unet.tmp"
+        shutil.rmtree(unet_tmp, ignore_errors=True)
+        unet.save_pretrained(unet_tmp, safe_serialization=True)
+        publish_dir(unet_tmp, final / "unet")
+    accelerator.wait_for_everyone()
+    return final

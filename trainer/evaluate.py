@@ -1,0 +1,112 @@
+"""Held-out preference metrics: implicit accuracy and reward margin of a policy against its reference.
+
+Every pair gets a fixed noise draw and timestep seeded by (seed, pair key), and the data are posterior means with no
+flip or caption dropout, so repeated runs agree exactly and the reference scored against itself gives exactly 0.5.
+
+CLI: python -m trainer.evaluate --data VAL_OUT --model MODEL [--unet DIR | --lora DIR] [--max-pairs N] [--seed S]
+     [--batch-size B] [--beta BETA] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from trainer.data import iter_eval_batches
+from trainer.losses import diffusion_dpo_loss, dpo_logits, implicit_accuracy, reward_margin
+from trainer.model import Models, draw_eval_noise, load_models, pair_errors, reference_errors, to_device
+
+METRICS = ("implicit_accuracy", "reward_margin", "dpo_loss", "policy_err_w", "policy_err_l", "ref_err_w",
+           "ref_err_l")
+
+
+@torch.no_grad()
+def evaluate(models: Models, policy: UNet2DConditionModel, data_dir: str | Path, *, batch_size: int = 16,
+             max_pairs: int | None = None, seed: int = 0, beta: float = 5000.0, device: torch.device | str = "cpu",
+             autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, float]:
+    """Means over the first `max_pairs` pairs of `data_dir`. `policy` is the unwrapped policy; when it is also the
+    reference (no reference copy, no LoRA), its errors are reused, so the accuracy is exactly 0.5."""
+    policy_is_reference = models.reference is None and not models.is_lora
+    was_training = policy.training
+    policy.eval()
+    sums = dict.fromkeys(METRICS, 0.0)
+    n = 0
+    try:
+        for batch in iter_eval_batches(data_dir, batch_size=batch_size, max_pairs=max_pairs):
+            noise, timesteps = draw_eval_noise(batch, models.scheduler.config.num_train_timesteps, seed=seed)
+            batch = to_device(batch, torch.device(device))
+            with autocast():
+                ref_w, ref_l = reference_errors(models, policy, batch, noise, timesteps)
+                pol_w, pol_l = ((ref_w, ref_l) if policy_is_reference
+                                else pair_errors(policy, models.scheduler, batch, noise, timesteps))
+            h = dpo_logits(pol_w, pol_l, ref_w, ref_l, beta)
+            per_pair = {
+                "implicit_accuracy": implicit_accuracy(h),
+                "reward_margin": reward_margin(pol_w, pol_l, ref_w, ref_l),
+                "dpo_loss": diffusion_dpo_loss(pol_w, pol_l, ref_w, ref_l, beta, reduction="none",
+                                               label=batch["label"]),
+                "policy_err_w": pol_w, "policy_err_l": pol_l, "ref_err_w": ref_w, "ref_err_l": ref_l,
+            }
+            for k, v in per_pair.items():
+                sums[k] += float(v.double().sum())
+            n += len(batch["keys"])
+    finally:
+        policy.train(was_training)
+    if n == 0:
+        raise ValueError(f"{data_dir}: no evaluation pairs")
+    return {**{k: v / n for k, v in sums.items()}, "num_pairs": n}
+
+
+def load_for_eval(model: str, unet_dir: str | None, lora_dir: str | None) -> tuple[Models, UNet2DConditionModel]:
+    """Reference = the base UNet of `model`; policy = `--unet`, or the base with `--lora` adapters, or the base."""
+    if unet_dir and lora_dir:
+        raise SystemExit("error: give --unet or --lora, not both")
+    base = load_models(model, need_reference=False)
+    if lora_dir:
+        weights = Path(lora_dir) / "pytorch_lora_weights.safetensors"
+        if not weights.is_file():
+            raise SystemExit(f"error: --lora {lora_dir}: no pytorch_lora_weights.safetensors there")
+        base.policy.load_lora_adapter(str(lora_dir), prefix="unet", weight_name=weights.name)
+        return base, base.policy
+    if unet_dir:
+        policy = UNet2DConditionModel.from_pretrained(unet_dir)
+        return Models(policy, base.policy, base.scheduler), policy
+    return base, base.policy
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="encode output directory (manifest.json)")
+    parser.add_argument("--model", required=True, help="base model folder: the reference (unet/, scheduler/)")
+    parser.add_argument("--unet", help="a trained UNet folder in diffusers layout (e.g. RUN/final/unet)")
+    parser.add_argument("--lora", help="a LoRA folder saved by the trainer (e.g. RUN/final/lora)")
+    parser.add_argument("--max-pairs", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--beta", type=float, default=5000.0)
+    parser.add_argument("--json", action="store_true", help="print one JSON line only")
+    args = parser.parse_args(argv)
+    models, policy = load_for_eval(args.model, args.unet, args.lora)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models.policy.to(device)
+    if models.reference is not None:
+        models.reference.to(device)
+    result = evaluate(models, policy, args.data, batch_size=args.batch_size, max_pairs=args.max_pairs,
+                      seed=args.seed, beta=args.beta, device=device)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        for k, v in result.items():
+            print(f"{k:>18}: {v:.6g}" if isinstance(v, float) else f"{k:>18}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
