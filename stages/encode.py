@@ -266,7 +266,7 @@ def run(config: EncodeConfig) -> Report | None:
     """Encode `config.src` into `config.out`; None when a finished output with the same config exists."""
     t0 = time.perf_counter()
     check_config(config)
-    out = Path(config.out)
+    out = Path(config.out).absolute()  # Ray workers and the checkpoint store need absolute paths
     previous = previous_config(out)
     if previous is not None:
         compare_configs(previous, output_config(config), out)

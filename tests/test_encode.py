@@ -62,9 +62,9 @@ def messy_src(synthetic_parquet: Path, tmp_path_factory: pytest.TempPathFactory)
     return src
 
 
-def encode(args: list[str], cluster, **kw) -> subprocess.CompletedProcess:
+def encode(args: list[str], cluster, cwd: Path = REPO, **kw) -> subprocess.CompletedProcess:
     env = {**cluster.env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "stages.encode", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "stages.encode", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600, **kw)
 
 
@@ -162,9 +162,10 @@ def test_rerun_is_a_noop_and_other_config_is_an_error(sd15_out: Path, messy_src:
 
 
 def test_sdxl_keeps_ties_and_has_pooled(synthetic_parquet: Path, tiny_sdxl: Path, ray_cluster, tmp_path) -> None:
+    """Also: a relative --out (as in `make encode`) resolves against the caller's working directory."""
     src = synthetic_parquet / "validation"
-    r = encode(["--src", str(src), "--out", str(tmp_path / "o"), "--model", str(tiny_sdxl), *FAST,
-                "--tie-policy", "keep", "--ray-address", ray_cluster.address], ray_cluster)
+    r = encode(["--src", str(src), "--out", "o", "--model", str(tiny_sdxl), *FAST,
+                "--tie-policy", "keep", "--ray-address", ray_cluster.address], ray_cluster, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = rows_of(src)
     metas = check_contract(tmp_path / "o", rows, "sdxl", "moments", True)
