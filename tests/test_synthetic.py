@@ -144,6 +144,19 @@ def _colour_shares(jpeg: bytes) -> dict[str, float]:
     return dict(zip(COLOURS, counts.tolist(), strict=True))
 
 
+def _is_washed_out(jpeg: bytes) -> bool:
+    """The centre object blended halfway to the background: 2·object − background is a palette colour that the
+    object itself is far from."""
+    img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    pixels = np.asarray(img.resize((img.width // 8, img.height // 8)), dtype=np.float32)
+    h, w = pixels.shape[:2]
+    centre = np.median(pixels[h // 2 - 2 : h // 2 + 3, w // 2 - 2 : w // 2 + 3].reshape(-1, 3), axis=0)
+    background = pixels[1, 1]
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)
+    unwashed = np.linalg.norm(palette - (2 * centre - background), axis=-1)
+    return bool(unwashed.min() < 40 and np.linalg.norm(palette[unwashed.argmin()] - centre) > 40)
+
+
 def test_preferred_image_is_dominated_by_the_caption_colour(big: Path) -> None:
     rows = _rows(big / "validation")
     for r in rows:
@@ -153,8 +166,10 @@ def test_preferred_image_is_dominated_by_the_caption_colour(big: Path) -> None:
             assert max(a, key=a.get) == colour and max(b, key=b.get) == colour
             continue
         win, lose = (a, b) if r["label_0"] == 1.0 else (b, a)
+        win_jpeg, lose_jpeg = (r["jpg_0"], r["jpg_1"]) if r["label_0"] == 1.0 else (r["jpg_1"], r["jpg_0"])
         assert max(win, key=win.get) == colour and win[colour] > 0.2, r["ranking_id"]
         assert lose[colour] < 0.02, r["ranking_id"]
+        assert _is_washed_out(lose_jpeg) and not _is_washed_out(win_jpeg), r["ranking_id"]
 
 
 def test_cli_writes_both_splits_and_rejects_bad_arguments(
