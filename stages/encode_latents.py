@@ -3,7 +3,7 @@
 No module-level Ray import, so it works where Ray is absent. Moments are stored *unscaled* in fp16
 (`latent_dist.mean`, `latent_dist.logvar`), so the trainer can draw a fresh sample every step as the official code
 does with `latent_dist.sample()`. Flipped variants are encoded from flipped pixels rather than by flipping latents:
-a conv VAE is not flip-equivariant (tests/test_encode_latents.py measures the gap on the tiny VAE).
+a conv VAE is not flip-equivariant (`flip_equivariance_gap` measures by how much; bench/run.py reports it).
 """
 
 from __future__ import annotations
@@ -78,3 +78,11 @@ class LatentEncoder:
                     if name in self.names:
                         out[name] = tensor[rows].half().cpu().numpy()
         return out
+
+
+def flip_equivariance_gap(encoder: LatentEncoder, images: torch.Tensor) -> float:
+    """Relative L2 error of flip(encode(x)) against encode(flip(x)) for uint8 [N, H, W, 3]: what flipping cached
+    latents instead of encoding flipped pixels would cost."""
+    mean, _ = encoder.moments(images)
+    mean_of_flipped, _ = encoder.moments(images.flip(2))
+    return float((mean.flip(-1) - mean_of_flipped).norm() / mean_of_flipped.norm())
