@@ -17,12 +17,14 @@ OUTPUT_DIR ?= runs/train
 TRAIN_ARGS ?=
 NPROC ?= 1
 
-DEMO_ROWS ?= 1600
+DEMO_ROWS ?= 3000
 DEMO_VAL_ROWS ?= 400
 export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models data encode train demo test test-fast lint bench clean
+.PHONY: setup models data encode train demo test lint bench clean
+# The stamps and manifests of the chained rules below are real outputs, not intermediates make may delete.
+.SECONDARY:
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
@@ -33,26 +35,31 @@ $(STAMP): pyproject.toml
 # Synthetic Pick-a-Pic-shaped parquet (train + validation), see stages/synthetic.py for the preference rule.
 data: data/synthetic/.done
 data/synthetic/.done: $(STAMP) stages/synthetic.py
-	$(PY) -m stages.synthetic --out data/synthetic --seed 0 --rows $(DEMO_ROWS) --val-rows $(DEMO_VAL_ROWS)
+	$(PY) -m stages.synthetic --out data/synthetic --seed 0 --rows $(DEMO_ROWS) --val-rows $(DEMO_VAL_ROWS) \
+	  --rows-per-file 500
 	touch $@
 
-# Tiny random-init SD1.5/SDXL folders in diffusers layout, whose UNets are then briefly pretrained (plain denoising
-# on the synthetic images) so that the DPO reference already denoises the data, as a real base model does.
+# Tiny random-init SD1.5/SDXL folders in diffusers layout (models/.init/), whose UNets are then briefly pretrained
+# (plain denoising on the synthetic images) so that the DPO reference already denoises the data, as a real base
+# model does. models/tiny-X = the init folder with the pretrained UNet, published by rename; reruns start again
+# from the same random init, so the result depends only on the seeds and configs.
 models: models/tiny-sd15/.pretrained models/tiny-sdxl/.pretrained
-models/%/.built: $(STAMP) stages/tiny_models.py
-	$(PY) -m stages.tiny_models --out models --family $(subst tiny-,,$*)
+models/.init/%/.built: $(STAMP) stages/tiny_models.py
+	$(PY) -m stages.tiny_models --out models/.init --family $(subst tiny-,,$*)
 	touch $@
-data/encoded/%/train/manifest.json: models/%/.built data/synthetic/.done
-	$(PY) -m stages.encode --src data/synthetic/train --out data/encoded/$*/train --model models/$* --resolution 64
-data/encoded/%/validation/manifest.json: models/%/.built data/synthetic/.done
-	$(PY) -m stages.encode --src data/synthetic/validation --out data/encoded/$*/validation --model models/$* --resolution 64
+data/encoded/%/train/manifest.json: models/.init/%/.built data/synthetic/.done
+	$(PY) -m stages.encode --src data/synthetic/train --out data/encoded/$*/train --model models/.init/$* \
+	  --resolution 64
+data/encoded/%/validation/manifest.json: models/.init/%/.built data/synthetic/.done
+	$(PY) -m stages.encode --src data/synthetic/validation --out data/encoded/$*/validation --model models/.init/$* \
+	  --resolution 64
 models/%/.pretrained: data/encoded/%/train/manifest.json configs/pretrain.toml
-	$(PY) -m trainer.train --config configs/pretrain.toml --data data/encoded/$*/train --model models/$* \
+	rm -rf runs/pretrain-$*
+	$(PY) -m trainer.train --config configs/pretrain.toml --data data/encoded/$*/train --model models/.init/$* \
 	  --output-dir runs/pretrain-$*
-	rm -rf models/$*/unet.new && cp -r runs/pretrain-$*/final/unet models/$*/unet.new
-	rm -rf models/$*/unet.old && mv models/$*/unet models/$*/unet.old && mv models/$*/unet.new models/$*/unet
-	rm -rf models/$*/unet.old
-	touch $@
+	rm -rf models/$*.tmp && cp -r models/.init/$* models/$*.tmp && rm -rf models/$*.tmp/unet
+	cp -r runs/pretrain-$*/final/unet models/$*.tmp/unet && touch models/$*.tmp/.pretrained
+	rm -rf models/$* && mv models/$*.tmp models/$*
 
 encode: $(STAMP)
 	$(PY) -m stages.encode --src $(SRC) --out $(OUT) --model $(MODEL) --resolution $(RES) $(ENCODE_ARGS)
