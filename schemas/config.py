@@ -81,6 +81,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # with val_data: evaluate every N steps (0 = only at the end)
     eval_max_pairs: int = 512
+    eval_draws: int = 4  # (noise, timestep) draws averaged per held-out pair
     report_to: str = "tensorboard"  # or "none"
     extra: dict[str, Any] = field(default_factory=dict)
 

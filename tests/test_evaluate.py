@@ -44,3 +44,13 @@ def test_scores_a_changed_unet(tiny_sd15: Path, latent_sd15: Path, tmp_path: Pat
     assert result["implicit_accuracy"] != 0.5 or result["reward_margin"] != 0.0
     with pytest.raises(SystemExit, match="no pytorch_lora_weights"):
         evaluate_cli.main(["--data", str(latent_sd15), "--model", str(tiny_sd15), "--lora", str(tmp_path)])
+
+
+def test_draws_average_the_errors_of_independent_draws(tiny_sd15: Path, latent_sd15: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--data", str(latent_sd15), "--model", str(tiny_sd15), "--max-pairs", "8"]
+    one = _run(capsys, *base, "--draws", "1")
+    three = _run(capsys, *base, "--draws", "3")
+    assert three["implicit_accuracy"] == 0.5 and three["reward_margin"] == 0.0
+    assert three["ref_err_w"] != one["ref_err_w"]  # the extra draws are new noise, not repeats of the first
+    assert _run(capsys, *base, "--draws", "3") == three

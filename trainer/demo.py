@@ -20,7 +20,7 @@ from trainer.evaluate import evaluate, load_for_eval
 def held_out_accuracy(cfg: TrainConfig, unet_dir: str | None) -> dict[str, float]:
     models, policy = load_for_eval(cfg.model, unet_dir, None)
     return evaluate(models, policy, cfg.val_data, batch_size=cfg.batch_size, max_pairs=cfg.eval_max_pairs,
-                    seed=cfg.seed, beta=cfg.beta)
+                    seed=cfg.seed, beta=cfg.beta, draws=cfg.eval_draws)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,12 @@
 """Held-out preference metrics: implicit accuracy and reward margin of a policy against its reference.
 
-Every pair gets a fixed noise draw and timestep seeded by (seed, pair key), and the data are posterior means with no
-flip or caption dropout, so repeated runs agree exactly and the reference scored against itself gives exactly 0.5.
+Every pair gets `draws` fixed (noise, timestep) draws seeded by (seed, pair key, draw), and the data are posterior
+means with no flip or caption dropout, so repeated runs agree exactly and the reference scored against itself gives
+exactly 0.5. The per-pair errors are averaged over the draws before the implicit reward is compared: a Monte Carlo
+estimate of the expected denoising error, whose sign is far less noisy than that of a single timestep.
 
 CLI: python -m trainer.evaluate --data VAL_OUT --model MODEL [--unet DIR | --lora DIR] [--max-pairs N] [--seed S]
-     [--batch-size B] [--beta BETA] [--json]
+     [--batch-size B] [--beta BETA] [--draws K] [--json]
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ METRICS = ("implicit_accuracy", "reward_margin", "dpo_loss", "policy_err_w", "po
 
 @torch.no_grad()
 def evaluate(models: Models, policy: UNet2DConditionModel, data_dir: str | Path, *, batch_size: int = 16,
-             max_pairs: int | None = None, seed: int = 0, beta: float = 5000.0, device: torch.device | str = "cpu",
+             max_pairs: int | None = None, seed: int = 0, beta: float = 5000.0, draws: int = 4,
+             device: torch.device | str = "cpu",
              autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, float]:
     """Means over the first `max_pairs` pairs of `data_dir`. `policy` is the unwrapped policy; when it is also the
     reference (no reference copy, no LoRA), its errors are reused, so the accuracy is exactly 0.5."""
@@ -40,12 +43,17 @@ def evaluate(models: Models, policy: UNet2DConditionModel, data_dir: str | Path,
     n = 0
     try:
         for batch in iter_eval_batches(data_dir, batch_size=batch_size, max_pairs=max_pairs):
-            noise, timesteps = draw_eval_noise(batch, models.scheduler.config.num_train_timesteps, seed=seed)
             batch = to_device(batch, torch.device(device))
-            with autocast():
-                ref_w, ref_l = reference_errors(models, policy, batch, noise, timesteps)
-                pol_w, pol_l = ((ref_w, ref_l) if policy_is_reference
-                                else pair_errors(policy, models.scheduler, batch, noise, timesteps))
+            errors = torch.zeros(4, len(batch["keys"]), device=device)
+            for draw in range(draws):
+                noise, timesteps = draw_eval_noise(batch, models.scheduler.config.num_train_timesteps, seed=seed,
+                                                   draw=draw)
+                with autocast():
+                    ref = reference_errors(models, policy, batch, noise, timesteps)
+                    pol = ref if policy_is_reference else pair_errors(policy, models.scheduler, batch, noise,
+                                                                      timesteps)
+                errors += torch.stack([*pol, *ref]).float() / draws
+            pol_w, pol_l, ref_w, ref_l = errors
             h = dpo_logits(pol_w, pol_l, ref_w, ref_l, beta)
             per_pair = {
                 "implicit_accuracy": implicit_accuracy(h),
@@ -91,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--beta", type=float, default=5000.0)
+    parser.add_argument("--draws", type=int, default=4, help="(noise, timestep) draws averaged per pair")
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args(argv)
     models, policy = load_for_eval(args.model, args.unet, args.lora)
@@ -99,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if models.reference is not None:
         models.reference.to(device)
     result = evaluate(models, policy, args.data, batch_size=args.batch_size, max_pairs=args.max_pairs,
-                      seed=args.seed, beta=args.beta, device=device)
+                      seed=args.seed, beta=args.beta, draws=args.draws, device=device)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:

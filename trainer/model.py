@@ -71,12 +71,14 @@ def draw_noise(batch: dict, num_train_timesteps: int, *, seed: int, rank: int, m
     return noise, timesteps
 
 
-def draw_eval_noise(batch: dict, num_train_timesteps: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Evaluation noise and timestep per pair, seeded by (seed, pair key): independent of batch size and order."""
+def draw_eval_noise(batch: dict, num_train_timesteps: int, *, seed: int, draw: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation noise and timestep per pair, seeded by (seed, pair key, draw): independent of batch size and
+    order, so every run scores the same pairs with the same draws."""
     shape = batch["w_latents"].shape[1:]
     noises, timesteps = [], []
     for key in batch["keys"]:
-        g = torch.Generator().manual_seed(seed_of(_NOISE_DOMAIN, seed, key))
+        g = torch.Generator().manual_seed(seed_of(_NOISE_DOMAIN, seed, key, draw))
         noises.append(torch.randn(shape, generator=g))
         timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
     return torch.stack(noises), torch.cat(timesteps)

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {}
         if accelerator.is_main_process:
             result = evaluate(models, policy, cfg.val_data, batch_size=cfg.batch_size,
-                              max_pairs=cfg.eval_max_pairs, seed=cfg.seed, beta=cfg.beta,
+                              max_pairs=cfg.eval_max_pairs, seed=cfg.seed, beta=cfg.beta, draws=cfg.eval_draws,
                               device=accelerator.device, autocast=accelerator.autocast)
             accelerator.log({f"eval/{k}": v for k, v in result.items()}, step=global_step)
             accelerator.print("eval " + json.dumps({k: round(v, 6) for k, v in result.items()}))
