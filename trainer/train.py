@@ -43,6 +43,8 @@ from trainer.optim import build_lr_scheduler, build_optimizer, effective_lr
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # accelerate only treats torchrun's processes as one CPU job (gloo) when told cpu=True
 _NO_GPU = not torch.cuda.is_available()
+# a terminal gets a live bar; a log file (CI, `ray job logs`) gets a line every 30 s instead of thousands of \r updates
+PROGRESS_INTERVAL_S = 0.1 if sys.stderr.isatty() else 30.0
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -75,7 +77,8 @@ def run_data_only(cfg: TrainConfig) -> int:
     loader = make_loader(make_stream(cfg, state.process_index, state.num_processes, 0))
     pairs = 0
     start = time.perf_counter()
-    for _, batch in zip(range(cfg.max_steps), tqdm(loader, total=cfg.max_steps, disable=not state.is_main_process),
+    for _, batch in zip(range(cfg.max_steps), tqdm(loader, total=cfg.max_steps, disable=not state.is_main_process,
+                                                             mininterval=PROGRESS_INTERVAL_S),
                         strict=False):
         pairs += len(batch["keys"])
     seconds = time.perf_counter() - start
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     num_t = models.scheduler.config.num_train_timesteps
     window = MetricWindow()
     progress = tqdm(total=cfg.max_steps, initial=global_step, disable=not accelerator.is_main_process,
-                    desc=cfg.loss)
+                    desc=cfg.loss, mininterval=PROGRESS_INTERVAL_S)
     run_start = time.perf_counter()
     steps_this_run = 0
     eval_result: dict[str, float] = {}
