@@ -28,7 +28,7 @@ def stored_text(data_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("fixture", ["latent_sd15", "latent_sdxl"])
-def test_get_returns_every_stored_embedding_as_float32(fixture: str, request: pytest.FixtureRequest) -> None:
+def test_get_returns_every_stored_embedding_as_stored(fixture: str, request: pytest.FixtureRequest) -> None:
     data_dir = request.getfixturevalue(fixture)
     manifest = Manifest.load(data_dir)
     store = TextEmbeddingStore(data_dir, manifest)
@@ -38,9 +38,9 @@ def test_get_returns_every_stored_embedding_as_float32(fixture: str, request: py
         got = store.get(key)
         assert set(got) == set(truth[key])
         for name, tensor in got.items():
-            assert tensor.dtype == torch.float32
-            assert torch.equal(tensor, truth[key][name].float())
-    assert torch.equal(store.empty()["prompt_embeds"], truth[caption_key(EMPTY_CAPTION)]["prompt_embeds"].float())
+            assert tensor.dtype == truth[key][name].dtype == torch.float16
+            assert torch.equal(tensor, truth[key][name])
+    assert torch.equal(store.empty()["prompt_embeds"], truth[caption_key(EMPTY_CAPTION)]["prompt_embeds"])
 
 
 def test_unknown_key_names_key_and_directory(latent_sd15: Path) -> None:

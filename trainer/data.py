@@ -217,22 +217,21 @@ class PairCollator:
         self.text = TextEmbeddingStore(data_dir, manifest)
         self.is_sdxl = manifest.model_family == "sdxl"
 
-    def _latent(self, tensors: dict[str, torch.Tensor], side: str, view: str, eps: torch.Tensor | None,
-                where: str) -> torch.Tensor:
-        """(mean + exp(logvar / 2)·eps − shift)·scale; the plain mean when eps is None."""
-        mean = tensors[f"{side}_mean{view}"]
-        if list(mean.shape) != self.manifest.latent_shape:
-            raise ValueError(f"{where}: latent shape {list(mean.shape)}, manifest says {self.manifest.latent_shape}")
-        latent = mean.float()
+    def _latents(self, means: list[torch.Tensor], logvars: list[torch.Tensor], eps: torch.Tensor | None
+                 ) -> torch.Tensor:
+        """(mean + exp(logvar / 2)·eps − shift)·scale for the whole batch at once, [n, 2, C, h, w] with the
+        preferred image first; the plain mean when eps is None. One vectorised op per step instead of one per
+        image keeps the stream far ahead of the accelerator."""
+        latents = torch.stack(means).float()
         if eps is not None:
-            latent = latent + torch.exp(0.5 * tensors[f"{side}_logvar{view}"].float()) * eps
+            latents += torch.exp(0.5 * torch.stack(logvars).float()) * eps
         if self.manifest.vae_shift_factor is not None:
-            latent = latent - self.manifest.vae_shift_factor
-        return latent * self.manifest.vae_scaling_factor
+            latents -= self.manifest.vae_shift_factor
+        return latents.mul_(self.manifest.vae_scaling_factor).unflatten(0, (-1, 2))
 
     def __call__(self, batch: list[_RawPair], flips: torch.Tensor, drops: torch.Tensor,
                  eps: torch.Tensor | None) -> dict:
-        out: dict[str, list] = {k: [] for k in ("w_latents", "l_latents", "prompt_embeds", "pooled_prompt_embeds",
+        out: dict[str, list] = {k: [] for k in ("means", "logvars", "prompt_embeds", "pooled_prompt_embeds",
                                                   "w_time_ids", "l_time_ids", "label", "keys")}
         resolution = self.manifest.resolution
         for i, raw in enumerate(batch):
@@ -240,9 +239,14 @@ class PairCollator:
             tensors = decode_tensors(raw.tensors, self.required, raw.where)
             flip = bool(flips[i])
             view = "_flip" if flip else ""
-            for j, (side, image) in enumerate((("w", meta.w), ("l", meta.l))):
-                out[f"{side}_latents"].append(
-                    self._latent(tensors, side, view, None if eps is None else eps[i, j], raw.where))
+            for side, image in (("w", meta.w), ("l", meta.l)):
+                mean = tensors[f"{side}_mean{view}"]
+                if list(mean.shape) != self.manifest.latent_shape:
+                    raise ValueError(f"{raw.where}: {side}_mean{view} shape {list(mean.shape)}, manifest says "
+                                     f"{self.manifest.latent_shape}")
+                out["means"].append(mean)
+                if eps is not None:
+                    out["logvars"].append(tensors[f"{side}_logvar{view}"])
                 if self.is_sdxl:
                     top, left = image.crop_top_left_flip if flip else image.crop_top_left
                     out[f"{side}_time_ids"].append([*image.original_size, top, left, resolution, resolution])
@@ -255,11 +259,12 @@ class PairCollator:
                 out["pooled_prompt_embeds"].append(text["pooled_prompt_embeds"])
             out["label"].append(0.5 if meta.label_0 == 0.5 else 1.0)
             out["keys"].append(raw.key)
-        result: dict = {k: torch.stack(out[k]) for k in ("w_latents", "l_latents", "prompt_embeds")}
-        result["label"] = torch.tensor(out["label"], dtype=torch.float32)
-        result["keys"] = out["keys"]
+        latents = self._latents(out["means"], out["logvars"], None if eps is None else eps.flatten(0, 1))
+        result: dict = {"w_latents": latents[:, 0], "l_latents": latents[:, 1],
+                        "prompt_embeds": torch.stack(out["prompt_embeds"]).float(),
+                        "label": torch.tensor(out["label"], dtype=torch.float32), "keys": out["keys"]}
         if self.is_sdxl:
-            result["pooled_prompt_embeds"] = torch.stack(out["pooled_prompt_embeds"])
+            result["pooled_prompt_embeds"] = torch.stack(out["pooled_prompt_embeds"]).float()
             for side in ("w", "l"):
                 result[f"{side}_time_ids"] = torch.tensor(out[f"{side}_time_ids"], dtype=torch.float32)
         return result

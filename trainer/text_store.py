@@ -19,7 +19,8 @@ from schemas.sample import TENSORS_EXT, decode_tensors, text_tensor_names
 
 
 class TextEmbeddingStore:
-    """`get(caption_key)` → {"prompt_embeds": [77, D] float32 (+ "pooled_prompt_embeds": [P] for SDXL)}."""
+    """`get(caption_key)` → {"prompt_embeds": [77, D] (+ "pooled_prompt_embeds": [P] for SDXL)}, in the stored
+    dtype (fp16): the collator casts the stacked batch once."""
 
     def __init__(self, data_dir: str | Path, manifest: Manifest) -> None:
         self.data_dir = Path(data_dir)
@@ -73,7 +74,7 @@ class TextEmbeddingStore:
         if tuple(tensors["prompt_embeds"].shape) != self.embed_shape:
             raise ValueError(f"{where}: prompt_embeds shape {list(tensors['prompt_embeds'].shape)}, "
                              f"manifest says {list(self.embed_shape)}")
-        return {name: tensors[name].float() for name in self.required}
+        return {name: tensors[name] for name in self.required}
 
     def empty(self) -> dict[str, torch.Tensor]:
         """The empty-caption embedding, used for caption dropout; decoded once per process."""
