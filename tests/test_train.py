@@ -151,6 +151,7 @@ def test_data_only_reports_pairs_per_s(latent_sd15: Path, capsys: pytest.Capture
                        "--num-workers", "1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["pairs"] == 20 and result["pairs_per_s"] > 0
+    assert 0 < result["first_batch_s"] < result["seconds"]
 
 
 def test_bad_config_names_the_problem(tmp_path: Path) -> None:
