@@ -152,7 +152,10 @@ def bench_jpeg(repeat: int) -> str:
     return ("### JPEG decode + resize + center crop, per core\n\n"
             f"`python -m bench.jpeg_decode --resolution 512 1024 --repeat {repeat}` — synthetic 512–1024 px JPEGs, "
             "one thread, best of repeats; error in uint8 levels against a full-resolution PIL decode + resize. "
-            "The encode stage uses simplejpeg (DCT-domain downscale), falling back to PIL.\n\n"
+            "All three wrap libjpeg-turbo and scale in the DCT domain, so they tie within noise; the resize after "
+            "the scaled decode dominates. The encode stage uses simplejpeg (a pip wheel with its own libjpeg-turbo) "
+            "and falls back to PIL; PyTurboJPEG is no dependency (it needs `apt-get install libturbojpeg0` and "
+            "`pip install 'PyTurboJPEG<2'` for libjpeg-turbo 2.x).\n\n"
             + table(["backend", "resolution", "images/s", "mean abs err", "max abs err"], rows))
 
 
