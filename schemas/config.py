@@ -74,6 +74,7 @@ class TrainConfig:
     num_workers: int = 2
     shards_in_flight: int = 4  # shards mixed together by each worker
     data_only: bool = False  # iterate the stream for max_steps batches, no model work
+    fixed_batch: bool = False  # benchmark: train on the first batch, kept on the device, at every step
     # checkpoints, logging, evaluation
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 3

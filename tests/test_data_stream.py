@@ -233,6 +233,18 @@ def test_bad_member_names_shard_and_key(tmp_path: Path, mutate, message: str) ->
         take(LatentPairStream(data_dir, batch_size=8, seed=0), 1)
 
 
+@pytest.mark.parametrize("keep", [0, 1000, -700])
+def test_damaged_tar_names_the_shard(tmp_path: Path, keep: int) -> None:
+    """Empty, cut inside the first member, or short by its last members: each stops with the shard named."""
+    data_dir = write_latent_dataset(tmp_path / "d", num_pairs=8, shard_size=4)
+    path = data_dir / Manifest.load(data_dir).shards[0].path
+    data = path.read_bytes()
+    path.write_bytes(data[:keep] if keep >= 0 else data[:len(data) // 2 + keep])
+    with pytest.raises(ValueError, match=rf"{path}(: unreadable pair shard|: \d+ samples, manifest says 4"
+                       r"|:\d+: pair sample lacks members)"):
+        list(iter_eval_batches(data_dir, batch_size=4))
+
+
 def test_extra_members_are_ignored(tmp_path: Path) -> None:
     data_dir = write_latent_dataset(tmp_path / "d", num_pairs=8, shard_size=4)
     truth = stored_pairs(data_dir)

@@ -171,3 +171,22 @@ def test_demo_reports_both_accuracies(tiny_sd15: Path, latent_sd15: Path, tmp_pa
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["reference"]["implicit_accuracy"] == 0.5
     assert result["passed"] is (code == 0) and result["policy"]["num_pairs"] == 8
+
+
+def test_fixed_batch_reads_only_the_first_batch(latent_sd15: Path, tiny_sd15: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from trainer.data import LatentPairStream
+
+    data = tmp_path / "data"
+    shutil.copytree(latent_sd15, data)
+    manifest = Manifest.load(data)
+    first = int(LatentPairStream(data, batch_size=4, seed=0, shards_in_flight=1).sequence.shard_at([0])[0])
+    for i, shard in enumerate(manifest.shards):
+        if i != first:
+            (data / shard.path).write_bytes(b"")  # any read past the first shard now fails
+    args = ["--max-steps", "3", "--shards-in-flight", "1", "--num-workers", "0", "--checkpoint-every", "0"]
+    run_train(data, tiny_sd15, tmp_path / "fixed", *args, "--fixed-batch")
+    assert (tmp_path / "fixed" / "final" / "unet").is_dir()
+    with pytest.raises(ValueError, match=r"pairs-.*\.tar: unreadable pair shard"):
+        run_train(data, tiny_sd15, tmp_path / "streamed", *args)

@@ -17,6 +17,7 @@ The loader must NOT go through `accelerator.prepare`, which would shard the alre
 from __future__ import annotations
 
 import os
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,15 +56,18 @@ def read_pair_shard(path: Path, expected: int) -> list[_RawPair]:
     The count must match the manifest: resume positions are computed from the manifest counts alone.
     """
     out = []
-    with open(path, "rb") as stream:
-        members = tar_file_expander([{"url": str(path), "stream": stream}],
-                                    select_files=lambda name: name.endswith(_MEMBER_EXTS))
-        for sample in group_by_keys(members):
-            key = sample["__key__"]
-            missing = [ext for ext in (PAIR_META_EXT, TENSORS_EXT) if ext not in sample]
-            if missing:
-                raise ValueError(f"{path}:{key}: pair sample lacks members {missing}")
-            out.append(_RawPair(key, f"{path}:{key}", sample[PAIR_META_EXT], sample[TENSORS_EXT]))
+    try:
+        with open(path, "rb") as stream:
+            members = tar_file_expander([{"url": str(path), "stream": stream}],
+                                        select_files=lambda name: name.endswith(_MEMBER_EXTS))
+            for sample in group_by_keys(members):
+                key = sample["__key__"]
+                missing = [ext for ext in (PAIR_META_EXT, TENSORS_EXT) if ext not in sample]
+                if missing:
+                    raise ValueError(f"{path}:{key}: pair sample lacks members {missing}")
+                out.append(_RawPair(key, f"{path}:{key}", sample[PAIR_META_EXT], sample[TENSORS_EXT]))
+    except (tarfile.TarError, OSError) as e:
+        raise ValueError(f"{path}: unreadable pair shard ({e})") from e
     if len(out) != expected:
         raise ValueError(f"{path}: {len(out)} samples, manifest says {expected}")
     return out

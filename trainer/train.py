@@ -11,6 +11,7 @@ last checkpoint without replaying data.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.print(f"resumed from {resume_from} at step {global_step}")
     batches = iter(make_loader(make_stream(cfg, rank, world, batches_consumed),
                                pin_memory=accelerator.device.type == "cuda"))
+    if cfg.fixed_batch:  # the step without the input pipeline, for the data-path overhead benchmark
+        batches = itertools.repeat(to_device(next(batches), accelerator.device))
 
     if cfg.report_to != "none":
         accelerator.init_trackers("train", config={k: v for k, v in asdict(cfg).items()
@@ -241,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"global_step": global_step, "skipped_steps": skipped_steps, "steps_this_run": steps_this_run,
                "seconds": round(seconds, 3), "pairs_per_s": round(pairs / seconds, 2) if seconds > 0 else None,
                "final": f"{cfg.output_dir}/final", **{f"eval_{k}": v for k, v in eval_result.items()}}
+    if accelerator.device.type == "cuda":
+        summary["max_memory_gib"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 2)
     accelerator.print(json.dumps(summary))
     return 0
 
