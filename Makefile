@@ -22,7 +22,7 @@ DEMO_VAL_ROWS ?= 400
 export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models data encode train demo test lint bench clean
+.PHONY: setup models data encode train demo test lint bench bench-gpu clean
 # The stamps and manifests of the chained rules below are real outputs, not intermediates make may delete.
 .SECONDARY:
 
@@ -83,6 +83,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run --out BENCHMARKS.md
+
+# On a GPU machine: real SD1.5/SDXL architectures (random init), bf16. Writes BENCHMARKS_GPU.md.
+bench-gpu: $(STAMP)
+	$(PY) -m bench.gpu --out BENCHMARKS_GPU.md --work build/bench-gpu
 
 clean:
 	rm -rf data runs models
