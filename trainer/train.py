@@ -239,7 +239,12 @@ def main(argv: list[str] | None = None) -> int:
 
     seconds = time.perf_counter() - run_start
     export_final(accelerator, policy, cfg.output_dir, is_sdxl)
-    accelerator.end_training()
+    # Release DDP, then the process group, while every rank is still alive: a gloo group left to the interpreter's
+    # exit after its peer has gone can hang forever in its destructor (seen with torchrun on 2 CPUs).
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    del unet  # the DDP wrapper owns the reducer that holds the group
+    accelerator.end_training()  # stops the trackers and destroys the process group
     pairs = steps_this_run * cfg.batch_size * cfg.gradient_accumulation_steps * world
     summary = {"global_step": global_step, "skipped_steps": skipped_steps, "steps_this_run": steps_this_run,
                "seconds": round(seconds, 3), "pairs_per_s": round(pairs / seconds, 2) if seconds > 0 else None,
