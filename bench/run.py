@@ -203,9 +203,10 @@ def bench_train(work: Path, latent_data: Path, steps: int, repeat: int) -> str:
             rates.append(result["pairs_per_s"])
         rows.append([name, f"{statistics.median(rates):.0f}", ", ".join(f"{r:.0f}" for r in rates)])
     return ("### Trainer step rate, tiny SD1.5 UNet (0.8 M parameters, 8×8 latents), CPU\n\n"
-            f"`python -m trainer.train --data data/encoded/tiny-sd15/train --model models/.init/tiny-sd15 "
-            f"--max-steps {steps} --batch-size 16 …` — fp32, whole-run pairs/s as the trainer reports it "
-            "(policy forward + backward on both images, reference forward on both).\n\n"
+            f"`python -m trainer.train --data OUT --model models/.init/tiny-sd15 --max-steps {steps} "
+            "--batch-size 16 --num-workers 1 --checkpoint-every 0 …` on the encode output above — fp32, "
+            "whole-run pairs/s as the trainer reports it (policy forward + backward on both images, reference "
+            "forward on both).\n\n"
             + table(["objective", "pairs/s (median)", "runs"], rows))
 
 
