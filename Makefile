@@ -75,6 +75,7 @@ demo: models/tiny-sd15/.pretrained data/encoded/tiny-sd15/validation/manifest.js
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest tests
 
 lint: $(STAMP)

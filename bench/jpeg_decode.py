@@ -35,7 +35,9 @@ def _turbojpeg_decoder() -> Callable[[bytes, int], np.ndarray] | None:
         w, h, _, _ = turbo.decode_header(data)
         g = crop_geometry((h, w), resolution)
         factors = sorted(turbo.scaling_factors, key=lambda f: f[0] / f[1])
-        factor = next(f for f in factors if h * f[0] / f[1] >= g.resized[0] and w * f[0] / f[1] >= g.resized[1])
+        factor = next(
+            f for f in factors if h * f[0] / f[1] >= g.resized[0] and w * f[0] / f[1] >= g.resized[1]
+        )
         img = Image.fromarray(turbo.decode(data, pixel_format=0, scaling_factor=factor))  # TJPF_RGB
         sy, sx = img.height / g.resized[0], img.width / g.resized[1]
         box = (g.left * sx, g.top * sy, (g.left + resolution) * sx, (g.top + resolution) * sy)
@@ -57,7 +59,9 @@ def sample_jpegs(n: int, seed: int = 0) -> list[bytes]:
     return [render_image(rng, rng.choice(OBJECTS), c, c, False).jpeg for c in rng.choices(list(COLOURS), k=n)]
 
 
-def run(resolutions: tuple[int, ...] = (512, 64), images: int = 24, repeat: int = 3, seed: int = 0) -> list[dict]:
+def run(
+    resolutions: tuple[int, ...] = (512, 64), images: int = 24, repeat: int = 3, seed: int = 0
+) -> list[dict]:
     """One row per (backend, resolution): images/s (best of `repeat`) and mean/max abs error vs the reference."""
     jpegs = sample_jpegs(images, seed)
     backends: dict[str, Callable[[bytes, int], np.ndarray] | None] = {
@@ -78,12 +82,16 @@ def run(resolutions: tuple[int, ...] = (512, 64), images: int = 24, repeat: int 
                 outs = [fn(d, resolution) for d in jpegs]
                 best = min(best, time.perf_counter() - t0)
             err = [np.abs(o.astype(np.int16) - r) for o, r in zip(outs, refs, strict=True)]
-            rows.append({
-                "backend": name, "resolution": resolution, "available": True,
-                "images_per_s": round(len(jpegs) / best, 1),
-                "mean_abs_err": round(float(np.mean([e.mean() for e in err])), 3),
-                "max_abs_err": int(max(e.max() for e in err)),
-            })
+            rows.append(
+                {
+                    "backend": name,
+                    "resolution": resolution,
+                    "available": True,
+                    "images_per_s": round(len(jpegs) / best, 1),
+                    "mean_abs_err": round(float(np.mean([e.mean() for e in err])), 3),
+                    "max_abs_err": int(max(e.max() for e in err)),
+                }
+            )
     return rows
 
 

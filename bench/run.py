@@ -43,8 +43,13 @@ def median_of(repeat: int, fn: Callable[[], float]) -> float:
 
 def run_cli(args: list[str], env: dict[str, str] | None = None) -> dict:
     """Run a project CLI and return the JSON object on its last stdout line."""
-    r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, **(env or {})})
+    r = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -56,29 +61,64 @@ def sd15_stream_dataset(work: Path, num_pairs: int) -> Path:
 
     out = work / f"sd15-latents-{num_pairs}"
     if not (out / "manifest.json").exists():
-        write_latent_dataset(out, num_pairs=num_pairs, shard_size=250, latent_shape=SD15_LATENT, text_dim=768,
-                             num_captions=60, text_shard_size=64, resolution=512)
+        write_latent_dataset(
+            out,
+            num_pairs=num_pairs,
+            shard_size=250,
+            latent_shape=SD15_LATENT,
+            text_dim=768,
+            num_captions=60,
+            text_shard_size=64,
+            resolution=512,
+        )
     return out
 
 
 def bench_stream(data: Path, repeat: int, batches: int) -> tuple[str, dict]:
     rows, figures = [], {}
     for workers in (0, 2):
-        results = [run_cli(["trainer.train", "--data", str(data), "--data-only", "--max-steps", str(batches),
-                            "--batch-size", "16", "--num-workers", str(workers), "--report-to", "none"])
-                   for _ in range(repeat)]
+        results = [
+            run_cli(
+                [
+                    "trainer.train",
+                    "--data",
+                    str(data),
+                    "--data-only",
+                    "--max-steps",
+                    str(batches),
+                    "--batch-size",
+                    "16",
+                    "--num-workers",
+                    str(workers),
+                    "--report-to",
+                    "none",
+                ]
+            )
+            for _ in range(repeat)
+        ]
         rates = [r["pairs_per_s"] for r in results]
         figures[workers] = statistics.median(rates)
         first = statistics.median(r["first_batch_s"] for r in results)
-        rows.append([workers, batches * 16, f"{first * 1000:.0f} ms", f"{figures[workers]:,.0f}",
-                     ", ".join(f"{r:,.0f}" for r in rates)])
-    cmd = (f"python -m trainer.train --data {data.name} --data-only --max-steps {batches} --batch-size 16 "
-           "--num-workers W")
-    text = ("### Trainer data stream at SD1.5 latent size (4×64×64 fp16 moments + cached flips)\n\n"
-            f"`{cmd}` — one trainer process; W = its DataLoader workers. Each batch reads the tars, decodes the "
-            "safetensors, draws the posterior sample, picks a flip, looks the caption embedding up and collates; "
-            "pairs/s is the steady state after the first batch. Goal ≥ 1,500 pairs/s in one process.\n\n"
-            + table(["workers W", "pairs per run", "first batch (median)", "pairs/s (median)", "runs"], rows))
+        rows.append(
+            [
+                workers,
+                batches * 16,
+                f"{first * 1000:.0f} ms",
+                f"{figures[workers]:,.0f}",
+                ", ".join(f"{r:,.0f}" for r in rates),
+            ]
+        )
+    cmd = (
+        f"python -m trainer.train --data {data.name} --data-only --max-steps {batches} --batch-size 16 "
+        "--num-workers W"
+    )
+    text = (
+        "### Trainer data stream at SD1.5 latent size (4×64×64 fp16 moments + cached flips)\n\n"
+        f"`{cmd}` — one trainer process; W = its DataLoader workers. Each batch reads the tars, decodes the "
+        "safetensors, draws the posterior sample, picks a flip, looks the caption embedding up and collates; "
+        "pairs/s is the steady state after the first batch. Goal ≥ 1,500 pairs/s in one process.\n\n"
+        + table(["workers W", "pairs per run", "first batch (median)", "pairs/s (median)", "runs"], rows)
+    )
     return text, figures
 
 
@@ -95,13 +135,22 @@ def bench_bytes(outputs: dict[str, Path]) -> tuple[str, dict]:
         shard_bytes = sum((out / s.path).stat().st_size for s in manifest.shards)
         raw = raw_tensor_bytes(manifest, manifest.num_samples)
         figures[name] = shard_bytes / raw
-        rows.append([name, "×".join(map(str, manifest.latent_shape)), manifest.num_samples,
-                     f"{shard_bytes / manifest.num_samples:,.0f}", f"{raw / manifest.num_samples:,.0f}",
-                     f"{figures[name]:.3f}"])
-    text = ("### Pair shard bytes / raw latent tensor bytes\n\n"
-            "Sum of the listed pair tars against C·h·w·2 bytes per stored tensor (the JSON metadata, safetensors "
-            "headers and tar headers are the overhead). Goal ≤ 1.10.\n\n"
-            + table(["output", "latent", "pairs", "bytes/pair on disk", "raw tensor bytes/pair", "ratio"], rows))
+        rows.append(
+            [
+                name,
+                "×".join(map(str, manifest.latent_shape)),
+                manifest.num_samples,
+                f"{shard_bytes / manifest.num_samples:,.0f}",
+                f"{raw / manifest.num_samples:,.0f}",
+                f"{figures[name]:.3f}",
+            ]
+        )
+    text = (
+        "### Pair shard bytes / raw latent tensor bytes\n\n"
+        "Sum of the listed pair tars against C·h·w·2 bytes per stored tensor (the JSON metadata, safetensors "
+        "headers and tar headers are the overhead). Goal ≤ 1.10.\n\n"
+        + table(["output", "latent", "pairs", "bytes/pair on disk", "raw tensor bytes/pair", "ratio"], rows)
+    )
     return text, figures
 
 
@@ -113,14 +162,17 @@ def first_batch_seconds(data: Path, start_batch: int) -> float:
 
 
 def bench_resume(data: Path, repeat: int) -> tuple[str, dict]:
-    figures = {start: median_of(repeat, lambda s=start: first_batch_seconds(data, s))
-               for start in (0, 1_000_000)}
+    figures = {
+        start: median_of(repeat, lambda s=start: first_batch_seconds(data, s)) for start in (0, 1_000_000)
+    }
     rows = [[f"{start:,}", f"{seconds * 1000:.0f} ms"] for start, seconds in figures.items()]
-    text = ("### Time to first batch when resuming\n\n"
-            "`LatentPairStream(start_batch=N)` + `make_loader` + first batch, batch 16, one process, SD1.5-size data "
-            f"({repeat} repeats, median). Goal: the same at step 1,000,000 as at 0 (O(1), no replay).\n\n"
-            + table(["resume at batch", "time to first batch"], rows)
-            + f"\n\nRatio (1,000,000 vs 0): {figures[1_000_000] / figures[0]:.2f}.")
+    text = (
+        "### Time to first batch when resuming\n\n"
+        "`LatentPairStream(start_batch=N)` + `make_loader` + first batch, batch 16, one process, SD1.5-size data "
+        f"({repeat} repeats, median). Goal: the same at step 1,000,000 as at 0 (O(1), no replay).\n\n"
+        + table(["resume at batch", "time to first batch"], rows)
+        + f"\n\nRatio (1,000,000 vs 0): {figures[1_000_000] / figures[0]:.2f}."
+    )
     return text, figures
 
 
@@ -130,16 +182,25 @@ def bench_jpeg(repeat: int) -> str:
         if not r["available"]:
             rows.append([r["backend"], r["resolution"], "not installed (needs libturbojpeg)", "", ""])
         else:
-            rows.append([r["backend"], r["resolution"], f"{r['images_per_s']:,.0f}", r["mean_abs_err"],
-                         r["max_abs_err"]])
-    return ("### JPEG decode + resize + center crop, per core\n\n"
-            f"`python -m bench.jpeg_decode --resolution 512 1024 --repeat {repeat}` — synthetic 512–1024 px JPEGs, "
-            "one thread, best of repeats; error in uint8 levels against a full-resolution PIL decode + resize. "
-            "All three wrap libjpeg-turbo and scale in the DCT domain, so they tie within noise; the resize after "
-            "the scaled decode dominates. The encode stage uses simplejpeg (a pip wheel with its own libjpeg-turbo) "
-            "and falls back to PIL; PyTurboJPEG is no dependency (it needs `apt-get install libturbojpeg0` and "
-            "`pip install 'PyTurboJPEG<2'` for libjpeg-turbo 2.x).\n\n"
-            + table(["backend", "resolution", "images/s", "mean abs err", "max abs err"], rows))
+            rows.append(
+                [
+                    r["backend"],
+                    r["resolution"],
+                    f"{r['images_per_s']:,.0f}",
+                    r["mean_abs_err"],
+                    r["max_abs_err"],
+                ]
+            )
+    return (
+        "### JPEG decode + resize + center crop, per core\n\n"
+        f"`python -m bench.jpeg_decode --resolution 512 1024 --repeat {repeat}` — synthetic 512–1024 px JPEGs, "
+        "one thread, best of repeats; error in uint8 levels against a full-resolution PIL decode + resize. "
+        "All three wrap libjpeg-turbo and scale in the DCT domain, so they tie within noise; the resize after "
+        "the scaled decode dominates. The encode stage uses simplejpeg (a pip wheel with its own libjpeg-turbo) "
+        "and falls back to PIL; PyTurboJPEG is no dependency (it needs `apt-get install libturbojpeg0` and "
+        "`pip install 'PyTurboJPEG<2'` for libjpeg-turbo 2.x).\n\n"
+        + table(["backend", "resolution", "images/s", "mean abs err", "max abs err"], rows)
+    )
 
 
 def ensure_demo_inputs() -> None:
@@ -151,63 +212,148 @@ def ensure_demo_inputs() -> None:
 def bench_encode(work: Path, rows: int) -> tuple[str, Path]:
     src = work / f"synthetic-{rows}"
     if not (src / "train").exists():
-        subprocess.run([sys.executable, "-m", "stages.synthetic", "--out", str(src), "--seed", "7", "--rows",
-                        str(rows), "--val-rows", "0", "--rows-per-file", "500"], cwd=REPO, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "stages.synthetic",
+                "--out",
+                str(src),
+                "--seed",
+                "7",
+                "--rows",
+                str(rows),
+                "--val-rows",
+                "0",
+                "--rows-per-file",
+                "500",
+            ],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
     out = work / f"encoded-{rows}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
     t0 = time.perf_counter()
-    cmd = ["stages.encode", "--src", str(src / "train"), "--out", str(out), "--model", str(TINY_MODEL),
-           "--resolution", "64"]
-    subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, check=True, capture_output=True,
-                   env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    cmd = [
+        "stages.encode",
+        "--src",
+        str(src / "train"),
+        "--out",
+        str(out),
+        "--model",
+        str(TINY_MODEL),
+        "--resolution",
+        "64",
+    ]
+    subprocess.run(
+        [sys.executable, "-m", *cmd],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
     wall = time.perf_counter() - t0
     report = json.loads((out / "report.json").read_text())
     extra = report["extra"]
-    rows_out = [[rows, report["rows_written"], f"{wall:.1f}", f"{report['seconds']:.1f}",
-                 f"{rows / report['seconds']:.1f}", f"{extra['rows_per_s']:.1f}", f"{extra['images_per_s']:.1f}",
-                 json.dumps(report["dropped"]), f"{extra['bytes_per_pair']:,}"]]
-    text = ("### Encode throughput, tiny SD1.5 model, CPU, local Ray cluster\n\n"
-            f"`python -m stages.encode --src synthetic-{rows}/train --out OUT --model models/.init/tiny-sd15 "
-            "--resolution 64` — one run, including Ray start-up and model loading in every actor. Rows written/s "
-            "and images/s as `report.json` gives them; images counts the VAE inputs (preferred, other and both "
-            "flips). The real SD VAE costs 1,082 GFLOP per 512² image, "
-            "so on real models the rate is set by the GPU actors, not by this CPU figure.\n\n"
-            + table(["rows in", "rows written", "wall s", "encode s (report)", "rows read/s", "rows written/s",
-                     "VAE images/s",
-                     "dropped", "bytes/pair"], rows_out))
+    rows_out = [
+        [
+            rows,
+            report["rows_written"],
+            f"{wall:.1f}",
+            f"{report['seconds']:.1f}",
+            f"{rows / report['seconds']:.1f}",
+            f"{extra['rows_per_s']:.1f}",
+            f"{extra['images_per_s']:.1f}",
+            json.dumps(report["dropped"]),
+            f"{extra['bytes_per_pair']:,}",
+        ]
+    ]
+    text = (
+        "### Encode throughput, tiny SD1.5 model, CPU, local Ray cluster\n\n"
+        f"`python -m stages.encode --src synthetic-{rows}/train --out OUT --model models/.init/tiny-sd15 "
+        "--resolution 64` — one run, including Ray start-up and model loading in every actor. Rows written/s "
+        "and images/s as `report.json` gives them; images counts the VAE inputs (preferred, other and both "
+        "flips). The real SD VAE costs 1,082 GFLOP per 512² image, "
+        "so on real models the rate is set by the GPU actors, not by this CPU figure.\n\n"
+        + table(
+            [
+                "rows in",
+                "rows written",
+                "wall s",
+                "encode s (report)",
+                "rows read/s",
+                "rows written/s",
+                "VAE images/s",
+                "dropped",
+                "bytes/pair",
+            ],
+            rows_out,
+        )
+    )
     return text, out
 
 
 def bench_flip_gap() -> str:
     images = [decode_image(jpeg, 64, "pil")[0] for jpeg in jpeg_decode.sample_jpegs(16)]
-    gap = flip_equivariance_gap(LatentEncoder(str(TINY_MODEL), device="cpu"), torch.from_numpy(np.stack(images)))
-    return ("### Flipping cached latents vs encoding flipped pixels\n\n"
-            "Relative L2 error ‖flip(E(x)) − E(flip(x))‖ / ‖E(x)‖ of the posterior mean on 16 synthetic images with "
-            f"the tiny random-init VAE: **{gap:.2f}**. A conv VAE with arbitrary weights is not flip-equivariant, "
-            "so the encoder caches E(flip(x)) (exact, twice the offline VAE work) instead of flipping latents. "
-            "The gap for the real SD VAE could not be measured here (no weights reachable, no GPU lent).")
+    gap = flip_equivariance_gap(
+        LatentEncoder(str(TINY_MODEL), device="cpu"), torch.from_numpy(np.stack(images))
+    )
+    return (
+        "### Flipping cached latents vs encoding flipped pixels\n\n"
+        "Relative L2 error ‖flip(E(x)) − E(flip(x))‖ / ‖E(x)‖ of the posterior mean on 16 synthetic images with "
+        f"the tiny random-init VAE: **{gap:.2f}**. A conv VAE with arbitrary weights is not flip-equivariant, "
+        "so the encoder caches E(flip(x)) (exact, twice the offline VAE work) instead of flipping latents. "
+        "The gap for the real SD VAE could not be measured here (no weights reachable, no GPU lent)."
+    )
 
 
 def bench_train(work: Path, latent_data: Path, steps: int, repeat: int) -> str:
     rows = []
-    variants = {"DPO, full fine-tune": [], "DPO, LoRA rank 8": ["--lora-rank", "8"],
-                "SFT (preferred only)": ["--loss", "sft"]}
+    variants = {
+        "DPO, full fine-tune": [],
+        "DPO, LoRA rank 8": ["--lora-rank", "8"],
+        "SFT (preferred only)": ["--loss", "sft"],
+    }
     for name, extra in variants.items():
         rates = []
         for i in range(repeat):
-            result = run_cli(["trainer.train", "--data", str(latent_data), "--model", str(TINY_MODEL),
-                              "--output-dir", str(work / f"train-{i}"), "--max-steps", str(steps), "--batch-size",
-                              "16", "--learning-rate", "1e-5", "--no-scale-lr", "--lr-warmup-steps", "0",
-                              "--checkpoint-every", "0", "--report-to", "none", "--num-workers", "1", *extra])
+            result = run_cli(
+                [
+                    "trainer.train",
+                    "--data",
+                    str(latent_data),
+                    "--model",
+                    str(TINY_MODEL),
+                    "--output-dir",
+                    str(work / f"train-{i}"),
+                    "--max-steps",
+                    str(steps),
+                    "--batch-size",
+                    "16",
+                    "--learning-rate",
+                    "1e-5",
+                    "--no-scale-lr",
+                    "--lr-warmup-steps",
+                    "0",
+                    "--checkpoint-every",
+                    "0",
+                    "--report-to",
+                    "none",
+                    "--num-workers",
+                    "1",
+                    *extra,
+                ]
+            )
             rates.append(result["pairs_per_s"])
         rows.append([name, f"{statistics.median(rates):.0f}", ", ".join(f"{r:.0f}" for r in rates)])
-    return ("### Trainer step rate, tiny SD1.5 UNet (0.8 M parameters, 8×8 latents), CPU\n\n"
-            f"`python -m trainer.train --data OUT --model models/.init/tiny-sd15 --max-steps {steps} "
-            "--batch-size 16 --num-workers 1 --checkpoint-every 0 …` on the encode output above — fp32, "
-            "whole-run pairs/s as the trainer reports it (policy forward + backward on both images, reference "
-            "forward on both).\n\n"
-            + table(["objective", "pairs/s (median)", "runs"], rows))
+    return (
+        "### Trainer step rate, tiny SD1.5 UNet (0.8 M parameters, 8×8 latents), CPU\n\n"
+        f"`python -m trainer.train --data OUT --model models/.init/tiny-sd15 --max-steps {steps} "
+        "--batch-size 16 --num-workers 1 --checkpoint-every 0 …` on the encode output above — fp32, "
+        "whole-run pairs/s as the trainer reports it (policy forward + backward on both images, reference "
+        "forward on both).\n\n" + table(["objective", "pairs/s (median)", "runs"], rows)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,19 +374,34 @@ def main(argv: list[str] | None = None) -> int:
         text, _ = bench_resume(stream_data, 3 if args.quick else 5)
         sections.append(text)
         encode_text, encoded = bench_encode(work, 400 if args.quick else 3000)
-        text, _ = bench_bytes({"SD1.5-size stream data (moments + flips)": stream_data,
-                               "tiny SD1.5 encode output (4×8×8, moments + flips)": encoded})
-        sections += [text, encode_text, bench_jpeg(repeat), bench_flip_gap(),
-                     bench_train(work, encoded, 20 if args.quick else 150, repeat)]
-    header = ("# Benchmarks\n\n"
-              f"Produced by `make bench` (`python -m bench.run`) on {time.strftime('%Y-%m-%d')}, machine: {machine()}."
-              "\n\nThe GPU figures (DPO step pairs/s and MFU on the real SD1.5/SDXL architectures, data-path "
-              "overhead, cached vs on-the-fly encode, SDXL memory per optimizer, VAE rate, MFU and bf16 error) come "
-              "from `make bench-gpu` (`python -m bench.gpu`) on a GPU machine and land in `BENCHMARKS_GPU.md`; "
-              + ("see that file." if (REPO / "BENCHMARKS_GPU.md").exists() else
-                 "no GPU has been lent to this project's sessions yet, so that file does not exist. The harness runs "
-                 "where diffusers and webdataset are importable (no Ray needed); `tests/test_bench.py` keeps it "
-                 "working on CPU with the tiny models.") + "\n")
+        text, _ = bench_bytes(
+            {
+                "SD1.5-size stream data (moments + flips)": stream_data,
+                "tiny SD1.5 encode output (4×8×8, moments + flips)": encoded,
+            }
+        )
+        sections += [
+            text,
+            encode_text,
+            bench_jpeg(repeat),
+            bench_flip_gap(),
+            bench_train(work, encoded, 20 if args.quick else 150, repeat),
+        ]
+    header = (
+        "# Benchmarks\n\n"
+        f"Produced by `make bench` (`python -m bench.run`) on {time.strftime('%Y-%m-%d')}, machine: {machine()}."
+        "\n\nThe GPU figures (DPO step pairs/s and MFU on the real SD1.5/SDXL architectures, data-path "
+        "overhead, cached vs on-the-fly encode, SDXL memory per optimizer, VAE rate, MFU and bf16 error) come "
+        "from `make bench-gpu` (`python -m bench.gpu`) on a GPU machine and land in `BENCHMARKS_GPU.md`; "
+        + (
+            "see that file."
+            if (REPO / "BENCHMARKS_GPU.md").exists()
+            else "no GPU has been lent to this project's sessions yet, so that file does not exist. The harness runs "
+            "where diffusers and webdataset are importable (no Ray needed); `tests/test_bench.py` keeps it "
+            "working on CPU with the tiny models."
+        )
+        + "\n"
+    )
     Path(args.out).write_text(header + "\n" + "\n\n".join(sections) + "\n")
     print(f"bench: wrote {args.out}")
     return 0

@@ -25,10 +25,14 @@ class EncodeConfig:
     out: str = ""
     model: str = ""  # hub id, local snapshot, or models/tiny-sd15
     resolution: int = 512
-    latent_mode: str = "moments"  # "moments" (mean + logvar, fresh sample per step) or "mean" (half the bytes)
+    latent_mode: str = (
+        "moments"  # "moments" (mean + logvar, fresh sample per step) or "mean" (half the bytes)
+    )
     flip: bool = True  # cache horizontally flipped variants, as the official recipe flips by default
     dtype: str = "auto"  # VAE/text encoder compute dtype: auto (fp16 on GPU unless force_upcast, else fp32), fp32, fp16, bf16
-    tie_policy: str = "drop"  # "drop" ties (label_0 == 0.5) or "keep" them (trainer treats them as soft labels)
+    tie_policy: str = (
+        "drop"  # "drop" ties (label_0 == 0.5) or "keep" them (trainer treats them as soft labels)
+    )
     shard_size: int = 1000  # pair samples per tar
     text_shard_size: int = 5000  # caption embeddings per text tar
     chunk_files: int = 32  # parquet files per chunk: the unit of atomic publish and of skipping on rerun
@@ -97,7 +101,9 @@ def _base_type(tp: Any) -> Any:
 
 def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="JSON or TOML file with any of the flags below; the command line wins")
+    parser.add_argument(
+        "--config", help="JSON or TOML file with any of the flags below; the command line wins"
+    )
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if f.name == "extra":
@@ -106,8 +112,9 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
         tp = _base_type(hints[f.name])
         default_text = f"(default: {f.default})" if f.default is not dataclasses.MISSING else ""
         if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=default_text)
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=default_text
+            )
         else:
             parser.add_argument(flag, dest=f.name, type=tp, default=None, help=default_text)
     return parser

@@ -93,7 +93,9 @@ def _open(data: bytes, geometry_of: Any, decoder: str) -> tuple[Image.Image, tup
     return img, original
 
 
-def decode_image(data: bytes | None, resolution: int, decoder: str = "simplejpeg") -> tuple[np.ndarray, ImageMeta]:
+def decode_image(
+    data: bytes | None, resolution: int, decoder: str = "simplejpeg"
+) -> tuple[np.ndarray, ImageMeta]:
     """Bytes → (uint8 [R, R, 3], ImageMeta with an empty uid); raises ImageDropped for unusable bytes."""
     if data is None:
         raise ImageDropped(DROP_NULL_IMAGE)
@@ -108,8 +110,9 @@ def decode_image(data: bytes | None, resolution: int, decoder: str = "simplejpeg
     sy, sx = img.height / g.resized[0], img.width / g.resized[1]  # resized → decoded (drafted) coordinates
     box = (g.left * sx, g.top * sy, (g.left + resolution) * sx, (g.top + resolution) * sy)
     pixels = np.asarray(img.resize((resolution, resolution), Image.Resampling.BILINEAR, box=box))
-    meta = ImageMeta(uid="", original_size=original, crop_top_left=(g.top, g.left),
-                     crop_top_left_flip=(g.top, g.left_flip))
+    meta = ImageMeta(
+        uid="", original_size=original, crop_top_left=(g.top, g.left), crop_top_left_flip=(g.top, g.left_flip)
+    )
     return pixels, meta
 
 
@@ -119,7 +122,11 @@ def winner_first(label_0: float) -> bool:
 
 
 def decode_pairs(
-    batch: dict[str, np.ndarray], *, resolution: int, drops_dir: str | None = None, decoder: str = "simplejpeg"
+    batch: dict[str, np.ndarray],
+    *,
+    resolution: int,
+    drops_dir: str | None = None,
+    decoder: str = "simplejpeg",
 ) -> dict[str, np.ndarray]:
     """Ray `map_batches` UDF: parquet columns → ranking_id, json (PairMeta bytes), w, l (uint8 [N, R, R, 3]).
 
@@ -161,8 +168,12 @@ def decode_pairs(
 
 
 def _with_uid(meta: ImageMeta, uid: Any) -> ImageMeta:
-    return ImageMeta(uid=str(uid), original_size=meta.original_size, crop_top_left=meta.crop_top_left,
-                     crop_top_left_flip=meta.crop_top_left_flip)
+    return ImageMeta(
+        uid=str(uid),
+        original_size=meta.original_size,
+        crop_top_left=meta.crop_top_left,
+        crop_top_left_flip=meta.crop_top_left_flip,
+    )
 
 
 def read_drops(drops_dir: Path) -> dict[str, str]:

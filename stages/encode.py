@@ -34,7 +34,14 @@ from stages.read_pairs import REQUIRED_COLUMNS, InputError, Prescan, list_parque
 from stages.write_shards import finalize_part, load_part, reset_dir
 
 CONFIG_MARKER = "_encode_config.json"
-RUNTIME_KEYS = {"out", "decode_batch_size", "encode_batch_size", "text_batch_size", "num_encoders", "ray_address"}
+RUNTIME_KEYS = {
+    "out",
+    "decode_batch_size",
+    "encode_batch_size",
+    "text_batch_size",
+    "num_encoders",
+    "ray_address",
+}
 PAIR_MEMBERS = (PAIR_META_EXT, TENSORS_EXT)
 TEXT_MEMBERS = (TENSORS_EXT,)
 
@@ -52,12 +59,21 @@ def check_config(config: EncodeConfig) -> None:
     if config.latent_mode not in LATENT_MODES:
         raise InputError(f"--latent-mode must be one of {LATENT_MODES}, got {config.latent_mode!r}")
     valid_labels(config.tie_policy)
-    for name in ("resolution", "shard_size", "text_shard_size", "chunk_files", "decode_batch_size",
-                 "encode_batch_size", "text_batch_size"):
+    for name in (
+        "resolution",
+        "shard_size",
+        "text_shard_size",
+        "chunk_files",
+        "decode_batch_size",
+        "encode_batch_size",
+        "text_batch_size",
+    ):
         if getattr(config, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
     if config.resolution % 8:
-        raise InputError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {config.resolution}")
+        raise InputError(
+            f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {config.resolution}"
+        )
     if not (Path(config.model) / "vae").is_dir():
         raise InputError(f"{config.model}: not a diffusers model folder (no vae/ subfolder)")
 
@@ -131,11 +147,23 @@ def encode_text(config: EncodeConfig, out: Path, captions: set[str]) -> None:
     pool = encoder_pool(1)
     (
         ray.data.from_items([{"caption": c} for c in todo])
-        .map_batches(CaptionEncoder, batch_size=config.text_batch_size, fn_constructor_kwargs={
-            "model": str(Path(config.model).resolve()), "dtype": config.dtype, "num_threads": 2}, **pool)
+        .map_batches(
+            CaptionEncoder,
+            batch_size=config.text_batch_size,
+            fn_constructor_kwargs={
+                "model": str(Path(config.model).resolve()),
+                "dtype": config.dtype,
+                "num_threads": 2,
+            },
+            **pool,
+        )
         .repartition(target_num_rows_per_block=config.text_shard_size, strict=True)
-        .write_webdataset(str(tmp), min_rows_per_file=config.text_shard_size, filename_provider=ShardNames("text"),
-                          encoder=None)
+        .write_webdataset(
+            str(tmp),
+            min_rows_per_file=config.text_shard_size,
+            filename_provider=ShardNames("text"),
+            encoder=None,
+        )
     )
     part = finalize_part(tmp, final, TEXT_MEMBERS, {"captions": len(todo)})
     print(f"encode: text part {k}: {part['num_samples']} caption embeddings", flush=True)
@@ -159,28 +187,49 @@ def encode_chunk(config: EncodeConfig, out: Path, k: int, files: list[str], scan
     drops_dir = tmp / "_drops"
     drops_dir.mkdir(parents=True, exist_ok=True)
     DataContext.get_current().checkpoint_config = CheckpointConfig(
-        id_column="ranking_id", checkpoint_path=str(ckpt), delete_checkpoint_on_success=False)
+        id_column="ranking_id", checkpoint_path=str(ckpt), delete_checkpoint_on_success=False
+    )
     (
         ray.data.read_parquet(files)
         .filter(expr=row_filter(config.tie_policy))
         .select_columns(list(REQUIRED_COLUMNS))
-        .map_batches(decode_pairs, batch_size=config.decode_batch_size,
-                     fn_kwargs={"resolution": config.resolution, "drops_dir": str(drops_dir)})
-        .map_batches(LatentEncoder, batch_size=config.encode_batch_size, fn_constructor_kwargs={
-            "model": str(Path(config.model).resolve()), "dtype": config.dtype, "flip": config.flip,
-            "latent_mode": config.latent_mode, "num_threads": 2}, **encoder_pool(config.num_encoders))
+        .map_batches(
+            decode_pairs,
+            batch_size=config.decode_batch_size,
+            fn_kwargs={"resolution": config.resolution, "drops_dir": str(drops_dir)},
+        )
+        .map_batches(
+            LatentEncoder,
+            batch_size=config.encode_batch_size,
+            fn_constructor_kwargs={
+                "model": str(Path(config.model).resolve()),
+                "dtype": config.dtype,
+                "flip": config.flip,
+                "latent_mode": config.latent_mode,
+                "num_threads": 2,
+            },
+            **encoder_pool(config.num_encoders),
+        )
         .map_batches(to_pair_samples, batch_size=config.shard_size)
         .repartition(target_num_rows_per_block=config.shard_size, strict=True)
-        .write_webdataset(str(tmp), min_rows_per_file=config.shard_size, filename_provider=ShardNames("pairs"),
-                          encoder=drop_ranking_id)
+        .write_webdataset(
+            str(tmp),
+            min_rows_per_file=config.shard_size,
+            filename_provider=ShardNames("pairs"),
+            encoder=drop_ranking_id,
+        )
     )
     DataContext.get_current().checkpoint_config = None
     dropped = scan.dropped(files)
     dropped.update(read_drops(drops_dir).values())
     shutil.rmtree(drops_dir)
     rows_read = sum(scan.per_file[f].rows for f in files)
-    part = finalize_part(tmp, final, PAIR_MEMBERS, {"files": files, "rows_read": rows_read,
-                                                   "dropped": dict(sorted(dropped.items()))})
+    part = finalize_part(
+        tmp,
+        final,
+        PAIR_MEMBERS,
+        {"files": files, "rows_read": rows_read, "dropped": dict(sorted(dropped.items()))},
+    )
     shutil.rmtree(ckpt, ignore_errors=True)
     return part
 
@@ -206,8 +255,13 @@ def _code_version() -> str:
     except importlib.metadata.PackageNotFoundError:
         version = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return version  # e.g. under `ray job submit`, whose working dir has no .git
     return f"{version}+g{commit}"
@@ -235,22 +289,36 @@ def write_manifest(config: EncodeConfig, out: Path, chunks: list[dict[str, Any]]
 
     from stages.encode_text import is_sdxl
 
-    shards = [ShardEntry(f"pairs/{c['dir']}/{s['path']}", s["num_samples"]) for c in chunks for s in c["shards"]]
+    shards = [
+        ShardEntry(f"pairs/{c['dir']}/{s['path']}", s["num_samples"]) for c in chunks for s in c["shards"]
+    ]
     texts = published_parts(out / "text", "part_")
-    text_shards = [ShardEntry(f"text/{p['dir']}/{s['path']}", s["num_samples"]) for p in texts for s in p["shards"]]
+    text_shards = [
+        ShardEntry(f"text/{p['dir']}/{s['path']}", s["num_samples"]) for p in texts for s in p["shards"]
+    ]
     vae = AutoencoderKL.load_config(config.model, subfolder="vae")
     down = 2 ** (len(vae["block_out_channels"]) - 1)
     text_shape, pooled = text_shapes(out, text_shards[0])
     manifest = Manifest(
-        num_samples=sum(s.num_samples for s in shards), shards=shards,
-        num_text_samples=sum(s.num_samples for s in text_shards), text_shards=text_shards,
-        empty_caption_key=caption_key(EMPTY_CAPTION), model=config.model,
-        model_family="sdxl" if is_sdxl(config.model) else "sd15", resolution=config.resolution,
-        vae_scaling_factor=float(vae["scaling_factor"]), vae_shift_factor=vae.get("shift_factor"),
-        latent_dtype="float16", latent_mode=config.latent_mode,
+        num_samples=sum(s.num_samples for s in shards),
+        shards=shards,
+        num_text_samples=sum(s.num_samples for s in text_shards),
+        text_shards=text_shards,
+        empty_caption_key=caption_key(EMPTY_CAPTION),
+        model=config.model,
+        model_family="sdxl" if is_sdxl(config.model) else "sd15",
+        resolution=config.resolution,
+        vae_scaling_factor=float(vae["scaling_factor"]),
+        vae_shift_factor=vae.get("shift_factor"),
+        latent_dtype="float16",
+        latent_mode=config.latent_mode,
         latent_shape=[vae["latent_channels"], config.resolution // down, config.resolution // down],
-        flip_variants=config.flip, text_embed_shape=text_shape, pooled_embed_dim=pooled,
-        tie_policy=config.tie_policy, encode_config=config_to_dict(config), versions=versions(),
+        flip_variants=config.flip,
+        text_embed_shape=text_shape,
+        pooled_embed_dim=pooled,
+        tie_policy=config.tie_policy,
+        encode_config=config_to_dict(config),
+        versions=versions(),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     manifest.check(out / MANIFEST_NAME)
@@ -276,8 +344,11 @@ def run(config: EncodeConfig) -> Report | None:
     _, files = list_parquet_files(config.src)
     scan = prescan(files, config.tie_policy)
     chunks = [files[i : i + config.chunk_files] for i in range(0, len(files), config.chunk_files)]
-    print(f"encode: {len(files)} parquet files, {scan.rows_read} rows, {len(scan.captions)} unique captions, "
-          f"{len(chunks)} chunks → {out}", flush=True)
+    print(
+        f"encode: {len(files)} parquet files, {scan.rows_read} rows, {len(scan.captions)} unique captions, "
+        f"{len(chunks)} chunks → {out}",
+        flush=True,
+    )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / CONFIG_MARKER, output_config(config))
     started_ray = init_ray(config.ray_address)
@@ -288,17 +359,23 @@ def run(config: EncodeConfig) -> Report | None:
             final = out / "pairs" / f"chunk_{k:05d}"
             part = load_part(final)
             if part is not None and part["files"] != chunk_files:
-                raise InputError(f"{final}: encoded from other files than chunk {k} of {config.src} now lists")
+                raise InputError(
+                    f"{final}: encoded from other files than chunk {k} of {config.src} now lists"
+                )
             if part is None:
                 tc = time.perf_counter()
                 part = encode_chunk(config, out, k, chunk_files, scan)
                 encoded_rows += part["num_samples"]
-                print(f"encode: chunk {k + 1}/{len(chunks)}: {part['num_samples']} pairs in "
-                      f"{len(part['shards'])} tars, dropped {part['dropped']} ({time.perf_counter() - tc:.1f}s)",
-                      flush=True)
+                print(
+                    f"encode: chunk {k + 1}/{len(chunks)}: {part['num_samples']} pairs in "
+                    f"{len(part['shards'])} tars, dropped {part['dropped']} ({time.perf_counter() - tc:.1f}s)",
+                    flush=True,
+                )
             else:
                 print(f"encode: chunk {k + 1}/{len(chunks)} already published, skipped", flush=True)
-            shutil.rmtree(out / "_checkpoints" / final.name, ignore_errors=True)  # a kill after publish leaves it
+            shutil.rmtree(
+                out / "_checkpoints" / final.name, ignore_errors=True
+            )  # a kill after publish leaves it
             done.append({**part, "dir": final.name})
         manifest = write_manifest(config, out, done)
     finally:
@@ -309,8 +386,14 @@ def run(config: EncodeConfig) -> Report | None:
     return write_report(config, out, manifest, done, encoded_rows, time.perf_counter() - t0)
 
 
-def write_report(config: EncodeConfig, out: Path, manifest: Manifest, chunks: list[dict[str, Any]],
-                 encoded_rows: int, seconds: float) -> Report:
+def write_report(
+    config: EncodeConfig,
+    out: Path,
+    manifest: Manifest,
+    chunks: list[dict[str, Any]],
+    encoded_rows: int,
+    seconds: float,
+) -> Report:
     dropped: dict[str, int] = {}
     for c in chunks:
         for reason, n in c["dropped"].items():
@@ -318,24 +401,36 @@ def write_report(config: EncodeConfig, out: Path, manifest: Manifest, chunks: li
     pair_bytes = sum((out / s.path).stat().st_size for s in manifest.shards)
     images_per_row = 4 if config.flip else 2
     report = Report(
-        rows_read=sum(c["rows_read"] for c in chunks), rows_written=manifest.num_samples,
-        dropped=dict(sorted(dropped.items())), seconds=round(seconds, 2),
-        extra={"rows_encoded_this_run": encoded_rows, "rows_per_s": round(encoded_rows / seconds, 2),
-               "images_per_s": round(encoded_rows * images_per_row / seconds, 2),
-               "bytes_per_pair": round(pair_bytes / max(1, manifest.num_samples)),
-               "text_samples": manifest.num_text_samples},
+        rows_read=sum(c["rows_read"] for c in chunks),
+        rows_written=manifest.num_samples,
+        dropped=dict(sorted(dropped.items())),
+        seconds=round(seconds, 2),
+        extra={
+            "rows_encoded_this_run": encoded_rows,
+            "rows_per_s": round(encoded_rows / seconds, 2),
+            "images_per_s": round(encoded_rows * images_per_row / seconds, 2),
+            "bytes_per_pair": round(pair_bytes / max(1, manifest.num_samples)),
+            "text_samples": manifest.num_text_samples,
+        },
     )
     report.save(out)
-    print(f"encode: done in {seconds:.1f}s: {report.rows_written}/{report.rows_read} rows written, "
-          f"{report.extra['rows_per_s']} rows/s, {report.extra['images_per_s']} images/s (VAE inputs incl. flips), "
-          f"dropped {report.dropped or 'nothing'}, {report.extra['bytes_per_pair']} bytes/pair, "
-          f"{manifest.num_text_samples} caption embeddings → {out / MANIFEST_NAME}", flush=True)
+    print(
+        f"encode: done in {seconds:.1f}s: {report.rows_written}/{report.rows_read} rows written, "
+        f"{report.extra['rows_per_s']} rows/s, {report.extra['images_per_s']} images/s (VAE inputs incl. flips), "
+        f"dropped {report.dropped or 'nothing'}, {report.extra['bytes_per_pair']} bytes/pair, "
+        f"{manifest.num_text_samples} caption embeddings → {out / MANIFEST_NAME}",
+        flush=True,
+    )
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(EncodeConfig, argv, __doc__.split("\n")[0])
-    missing = [f.name for f in fields(EncodeConfig) if f.name in ("src", "out", "model") and not getattr(config, f.name)]
+    missing = [
+        f.name
+        for f in fields(EncodeConfig)
+        if f.name in ("src", "out", "model") and not getattr(config, f.name)
+    ]
     if missing:
         print(f"error: missing required flags {['--' + m for m in missing]}", file=sys.stderr)
         return 2

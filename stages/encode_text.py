@@ -27,24 +27,30 @@ def is_sdxl(model: str) -> bool:
 class CaptionEncoder:
     """`encode(captions) → {"prompt_embeds": [N, 77, D] (+ "pooled_prompt_embeds": [N, P])}` in fp16."""
 
-    def __init__(self, model: str, dtype: str = "auto", device: str | None = None,
-                 num_threads: int | None = None) -> None:
+    def __init__(
+        self, model: str, dtype: str = "auto", device: str | None = None, num_threads: int | None = None
+    ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = default_device(device)
         self.dtype = resolve_dtype(dtype, self.device, force_upcast=False)
         self.sdxl = is_sdxl(model)
         self.tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")]
-        self.encoders: list[torch.nn.Module] = [CLIPTextModel.from_pretrained(model, subfolder="text_encoder")]
+        self.encoders: list[torch.nn.Module] = [
+            CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+        ]
         if self.sdxl:
             self.tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))
-            self.encoders.append(CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2"))
+            self.encoders.append(
+                CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2")
+            )
         for enc in self.encoders:
             enc.to(self.device, self.dtype).eval().requires_grad_(False)
 
     def _ids(self, tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
-        return tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                         return_tensors="pt").input_ids.to(self.device)
+        return tokenizer(
+            captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -56,12 +62,17 @@ class CaptionEncoder:
             out = encoder(self._ids(tokenizer, captions), output_hidden_states=True)
             hiddens.append(out.hidden_states[-2])
             pooled = out.text_embeds if hasattr(out, "text_embeds") else None
-        return {"prompt_embeds": torch.cat(hiddens, dim=-1).half().cpu(), "pooled_prompt_embeds": pooled.half().cpu()}
+        return {
+            "prompt_embeds": torch.cat(hiddens, dim=-1).half().cpu(),
+            "pooled_prompt_embeds": pooled.half().cpu(),
+        }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray UDF: {"caption"} → WebDataset columns {"__key__": caption_key, "safetensors": bytes}."""
         captions = [str(c) for c in batch["caption"]]
         tensors = self.encode(captions)
         members = [encode_tensors({k: v[i] for k, v in tensors.items()}) for i in range(len(captions))]
-        return {"__key__": np.asarray([caption_key(c) for c in captions], dtype=object),
-                "safetensors": np.asarray(members, dtype=object)}
+        return {
+            "__key__": np.asarray([caption_key(c) for c in captions], dtype=object),
+            "safetensors": np.asarray(members, dtype=object),
+        }

@@ -44,7 +44,7 @@ def row_filter(tie_policy: str) -> Any:
 
 def _is_hidden(path: str, root: str) -> bool:
     """Skip `.cache/`, `.git/`, half-written `.x.tmp` folders and the like below the root."""
-    rel = path[len(root):] if path.startswith(root) else path
+    rel = path[len(root) :] if path.startswith(root) else path
     return any(part.startswith(".") for part in rel.split("/") if part)
 
 
@@ -133,7 +133,11 @@ def scan_file(path: str, tie_policy: str) -> tuple[FileScan, pa.Table]:
     keep = pc.and_(valid, pc.invert(null_caption))
     n_tie = 0 if tie_policy == "keep" else pc.sum(tie).as_py() or 0
     n_invalid = len(table) - (pc.sum(valid).as_py() or 0)
-    dropped = {DROP_TIE: n_tie, DROP_BAD_LABEL: n_invalid - n_tie, DROP_NULL_CAPTION: pc.sum(null_caption).as_py() or 0}
+    dropped = {
+        DROP_TIE: n_tie,
+        DROP_BAD_LABEL: n_invalid - n_tie,
+        DROP_NULL_CAPTION: pc.sum(null_caption).as_py() or 0,
+    }
     return FileScan(len(table), {k: v for k, v in dropped.items() if v}), table.filter(keep)
 
 

@@ -40,7 +40,9 @@ def to_pair_samples(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     from the tar.
     """
     names = [k for k in batch if k not in ("ranking_id", PAIR_META_EXT)]
-    members = [encode_tensors({k: _tensor(batch[k][i]) for k in names}) for i in range(len(batch["ranking_id"]))]
+    members = [
+        encode_tensors({k: _tensor(batch[k][i]) for k in names}) for i in range(len(batch["ranking_id"]))
+    ]
     return {
         "__key__": np.asarray([pair_key(r) for r in batch["ranking_id"]], dtype=object),
         PAIR_META_EXT: batch[PAIR_META_EXT],
@@ -90,7 +92,12 @@ def finalize_part(tmp: Path, final: Path, required: tuple[str, ...], info: dict[
     duplicates = [k for k, n in keys.items() if n > 1]
     if duplicates:
         raise ValueError(f"{tmp}: {len(duplicates)} keys written twice, e.g. {duplicates[0]}")
-    part = {**info, "shards": shards, "num_samples": sum(s["num_samples"] for s in shards), "keys": sorted(keys)}
+    part = {
+        **info,
+        "shards": shards,
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "keys": sorted(keys),
+    }
     atomic_write_json(tmp / PART_INFO, part)
     publish_dir(tmp, final)
     return part

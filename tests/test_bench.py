@@ -19,7 +19,10 @@ def test_architectures_have_the_published_parameter_counts() -> None:
             "sdxl unet": (UNet2DConditionModel(**gpu.SDXL_UNET), 2_567_463_684),
             "sd vae": (AutoencoderKL(**gpu.SD_VAE), 83_653_863),
             "clip vit-l text": (CLIPTextModel(CLIPTextConfig(**gpu.CLIP_L, **text)), 123_060_480),
-            "openclip bigG text": (CLIPTextModelWithProjection(CLIPTextConfig(**gpu.CLIP_BIGG, **text)), 694_659_840),
+            "openclip bigG text": (
+                CLIPTextModelWithProjection(CLIPTextConfig(**gpu.CLIP_BIGG, **text)),
+                694_659_840,
+            ),
         }
     for name, (model, published) in models.items():
         assert sum(p.numel() for p in model.parameters()) == published, name
@@ -32,5 +35,7 @@ def test_tiny_run_writes_every_table(tmp_path: Path) -> None:
     for heading in ("DPO train step", "on-the-fly recipe", "peak memory", "VAE encode"):
         assert heading in text
     rows = [line for line in text.splitlines() if line.startswith("| sdxl |")]
-    assert len(rows) == 4 + 1 + 4 + 2  # step variants + overhead, on-the-fly, optimizer × checkpointing, fp16/bf16
+    assert (
+        len(rows) == 4 + 1 + 4 + 2
+    )  # step variants + overhead, on-the-fly, optimizer × checkpointing, fp16/bf16
     assert not any("failed" in row or "error" in row.lower() for row in rows)

@@ -43,9 +43,15 @@ def test_round_trip_continues_identically(tmp_path: Path, optimizer: str) -> Non
     model, opt, sched = _setup(optimizer)
     for i in range(3):
         _step(model, opt, sched, i)
-    path = save_checkpoint(accelerator, tmp_path, 3, model, opt, sched, {"batches_consumed": 3}, total_limit=2)
-    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "optimizer.json",
-                                                       "optimizer.safetensors", "state.json"]
+    path = save_checkpoint(
+        accelerator, tmp_path, 3, model, opt, sched, {"batches_consumed": 3}, total_limit=2
+    )
+    assert sorted(p.name for p in path.iterdir()) == [
+        "model.safetensors",
+        "optimizer.json",
+        "optimizer.safetensors",
+        "state.json",
+    ]
     for i in range(3, 6):
         _step(model, opt, sched, i)
 

@@ -18,8 +18,15 @@ from schemas.sample import PairMeta, encode_tensors
 from tests.fixtures.latents import write_latent_dataset, write_tar
 from trainer.data import LatentPairStream, iter_eval_batches, make_loader
 
-TENSOR_KEYS = ("w_latents", "l_latents", "prompt_embeds", "pooled_prompt_embeds", "w_time_ids", "l_time_ids",
-               "label")
+TENSOR_KEYS = (
+    "w_latents",
+    "l_latents",
+    "prompt_embeds",
+    "pooled_prompt_embeds",
+    "w_time_ids",
+    "l_time_ids",
+    "label",
+)
 
 _opened: list[str] | None = None  # paths passed to open() while a test records them
 
@@ -65,7 +72,9 @@ def stored_pairs(data_dir: Path) -> dict[str, tuple[PairMeta, dict[str, torch.Te
             for m in tar:
                 key, ext = m.name.split(".", 1)
                 raw.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return {k: (PairMeta.from_json_bytes(v["json"]), load_safetensors(v["safetensors"])) for k, v in raw.items()}
+    return {
+        k: (PairMeta.from_json_bytes(v["json"]), load_safetensors(v["safetensors"])) for k, v in raw.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -77,21 +86,30 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(("num_workers", "world_size"), [(0, 1), (1, 1), (2, 1), (0, 2), (2, 2)])
 def test_resume_equals_uninterrupted(latent_sd15: Path, num_workers: int, world_size: int) -> None:
     def stream(rank: int, start: int) -> LatentPairStream:
-        return LatentPairStream(latent_sd15, batch_size=3, seed=7, rank=rank, world_size=world_size,
-                                num_workers=num_workers, start_batch=start, caption_dropout=0.5,
-                                shards_in_flight=2)
+        return LatentPairStream(
+            latent_sd15,
+            batch_size=3,
+            seed=7,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            start_batch=start,
+            caption_dropout=0.5,
+            shards_in_flight=2,
+        )
 
     rank = world_size - 1
     full = take(stream(rank, 0), 30)  # 90 samples: crosses epochs of the 40-pair set
     for k in (1, 5, 26):
-        assert_same_batches(take(stream(rank, k), 4), full[k:k + 4])
+        assert_same_batches(take(stream(rank, k), 4), full[k : k + 4])
 
 
 def test_ranks_disjoint_and_epoch_window_covers_each_sample_once(small: Path) -> None:
     keys = []
     for rank in (0, 1):
-        stream = LatentPairStream(small, batch_size=4, seed=0, rank=rank, world_size=2, num_workers=2,
-                                  shards_in_flight=2)
+        stream = LatentPairStream(
+            small, batch_size=4, seed=0, rank=rank, world_size=2, num_workers=2, shards_in_flight=2
+        )
         keys.append([k for b in take(stream, 4) for k in b["keys"]])  # 4 batches × 4 = 16 = 2 shards/slot
     assert not set(keys[0]) & set(keys[1])
     assert sorted(keys[0] + keys[1]) == sorted(stored_pairs(small))
@@ -138,7 +156,9 @@ def test_caption_dropout_rate_uses_the_empty_embedding(latent_sdxl: Path, rate: 
 def test_flip_uses_flip_latents_and_flip_crops(latent_sdxl: Path, random_flip: bool) -> None:
     truth = stored_pairs(latent_sdxl)
     manifest = Manifest.load(latent_sdxl)
-    stream = LatentPairStream(latent_sdxl, batch_size=10, seed=0, random_flip=random_flip, sample_latents=False)
+    stream = LatentPairStream(
+        latent_sdxl, batch_size=10, seed=0, random_flip=random_flip, sample_latents=False
+    )
     flips = []
     for batch in take(stream, 4):
         for i, key in enumerate(batch["keys"]):
@@ -162,7 +182,9 @@ def test_sampling_uses_logvar(latent_sd15: Path) -> None:
     z = []
     for i, key in enumerate(batch["keys"]):
         t = truth[key][1]
-        z.append((batch["w_latents"][i] / 0.18215 - t["w_mean"].float()) / torch.exp(0.5 * t["w_logvar"].float()))
+        z.append(
+            (batch["w_latents"][i] / 0.18215 - t["w_mean"].float()) / torch.exp(0.5 * t["w_logvar"].float())
+        )
     z = torch.stack(z)
     assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - 1) < 0.05  # eps ~ N(0, 1) only if std used
     assert "pooled_prompt_embeds" not in batch and "w_time_ids" not in batch  # SD1.5 has neither
@@ -181,8 +203,11 @@ def test_mean_mode_and_shift_factor(tmp_path: Path) -> None:
 def test_tie_label_is_half(tmp_path: Path) -> None:
     data_dir = write_latent_dataset(tmp_path / "d", num_pairs=12, tie_every=3)
     truth = stored_pairs(data_dir)
-    labels = {k: float(lbl) for b in iter_eval_batches(data_dir, batch_size=5)
-              for k, lbl in zip(b["keys"], b["label"], strict=True)}
+    labels = {
+        k: float(lbl)
+        for b in iter_eval_batches(data_dir, batch_size=5)
+        for k, lbl in zip(b["keys"], b["label"], strict=True)
+    }
     assert labels == {k: 0.5 if meta.label_0 == 0.5 else 1.0 for k, (meta, _) in truth.items()}
     assert sorted(labels.values()).count(0.5) == 4
 
@@ -194,8 +219,9 @@ def test_eval_batches_every_pair_once_in_order_means_only(latent_sd15: Path) -> 
     assert [k for b in batches for k in b["keys"]] == list(truth)
     first = batches[0]
     assert torch.equal(first["w_latents"][0], truth[first["keys"][0]][1]["w_mean"].float() * 0.18215)
-    assert [k for b in iter_eval_batches(latent_sd15, batch_size=7, max_pairs=10) for k in b["keys"]] == \
-        list(truth)[:10]
+    assert [k for b in iter_eval_batches(latent_sd15, batch_size=7, max_pairs=10) for k in b["keys"]] == list(
+        truth
+    )[:10]
 
 
 def _rewrite_first_pair(data_dir: Path, mutate) -> tuple[Path, str]:
@@ -218,12 +244,15 @@ def _without_logvar(sample: dict) -> dict:
     return {**sample, "safetensors": encode_tensors(tensors)}
 
 
-@pytest.mark.parametrize(("mutate", "message"), [
-    (lambda s: {**s, "safetensors": b"garbage"}, "unreadable safetensors"),
-    (_without_logvar, r"lacks tensors \['w_logvar'\]"),
-    (lambda s: {**s, "json": b"{not json"}, "malformed pair metadata"),
-    (lambda s: {k: v for k, v in s.items() if k != "json"}, r"lacks members \['json'\]"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: {**s, "safetensors": b"garbage"}, "unreadable safetensors"),
+        (_without_logvar, r"lacks tensors \['w_logvar'\]"),
+        (lambda s: {**s, "json": b"{not json"}, "malformed pair metadata"),
+        (lambda s: {k: v for k, v in s.items() if k != "json"}, r"lacks members \['json'\]"),
+    ],
+)
 def test_bad_member_names_shard_and_key(tmp_path: Path, mutate, message: str) -> None:
     data_dir = write_latent_dataset(tmp_path / "d", num_pairs=8, shard_size=4)
     path, key = _rewrite_first_pair(data_dir, mutate)
@@ -239,9 +268,12 @@ def test_damaged_tar_names_the_shard(tmp_path: Path, keep: int) -> None:
     data_dir = write_latent_dataset(tmp_path / "d", num_pairs=8, shard_size=4)
     path = data_dir / Manifest.load(data_dir).shards[0].path
     data = path.read_bytes()
-    path.write_bytes(data[:keep] if keep >= 0 else data[:len(data) // 2 + keep])
-    with pytest.raises(ValueError, match=rf"{path}(: unreadable pair shard|: \d+ samples, manifest says 4"
-                       r"|:\d+: pair sample lacks members)"):
+    path.write_bytes(data[:keep] if keep >= 0 else data[: len(data) // 2 + keep])
+    with pytest.raises(
+        ValueError,
+        match=rf"{path}(: unreadable pair shard|: \d+ samples, manifest says 4"
+        r"|:\d+: pair sample lacks members)",
+    ):
         list(iter_eval_batches(data_dir, batch_size=4))
 
 

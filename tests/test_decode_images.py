@@ -31,7 +31,9 @@ def gradient(w: int, h: int) -> Image.Image:
 @pytest.mark.parametrize("size", [(512, 512), (768, 512), (640, 1024), (37, 900), (1000, 20)])
 def test_crop_matches_full_resize_then_center_crop(size: tuple[int, int]) -> None:
     img = gradient(*size)
-    pixels, meta = decode_image(encoded(img, "PNG"), R)  # PNG: no DCT scaling, so only the crop method differs
+    pixels, meta = decode_image(
+        encoded(img, "PNG"), R
+    )  # PNG: no DCT scaling, so only the crop method differs
     g = crop_geometry((img.height, img.width), R)
     full = np.asarray(img.resize((g.resized[1], g.resized[0]), Image.Resampling.BILINEAR), dtype=np.int16)
     ref = full[g.top : g.top + R, g.left : g.left + R]
@@ -54,13 +56,17 @@ def test_jpeg_scaled_decode_stays_close_to_reference() -> None:
         assert meta.original_size == (512, 768)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: encoded(gradient(300, 200).convert("L"), "JPEG"),
-    lambda: encoded(gradient(300, 200).convert("CMYK"), "JPEG"),
-    lambda: encoded(gradient(300, 200).convert("P"), "PNG"),
-    lambda: encoded(gradient(2000, 40), "JPEG"),
-    lambda: encoded(gradient(30, 1500).convert("L"), "PNG"),
-], ids=["grayscale", "cmyk", "palette", "wide", "tall-gray-png"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: encoded(gradient(300, 200).convert("L"), "JPEG"),
+        lambda: encoded(gradient(300, 200).convert("CMYK"), "JPEG"),
+        lambda: encoded(gradient(300, 200).convert("P"), "PNG"),
+        lambda: encoded(gradient(2000, 40), "JPEG"),
+        lambda: encoded(gradient(30, 1500).convert("L"), "PNG"),
+    ],
+    ids=["grayscale", "cmyk", "palette", "wide", "tall-gray-png"],
+)
 def test_odd_images_are_converted_not_dropped(make) -> None:
     pixels, _ = decode_image(make(), R)
     assert pixels.shape == (R, R, 3) and pixels.dtype == np.uint8
@@ -72,13 +78,16 @@ def test_png_alpha_is_composited_on_white() -> None:
     assert (pixels == 255).all()
 
 
-@pytest.mark.parametrize(("data", "reason"), [
-    (None, DROP_NULL_IMAGE),
-    (b"", DROP_EMPTY_IMAGE),
-    (b"garbage, not an image", DROP_UNDECODABLE_IMAGE),
-    (encoded(gradient(300, 200), "JPEG")[:300], DROP_UNDECODABLE_IMAGE),
-    (encoded(gradient(300, 200), "PNG")[:200], DROP_UNDECODABLE_IMAGE),
-])
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (None, DROP_NULL_IMAGE),
+        (b"", DROP_EMPTY_IMAGE),
+        (b"garbage, not an image", DROP_UNDECODABLE_IMAGE),
+        (encoded(gradient(300, 200), "JPEG")[:300], DROP_UNDECODABLE_IMAGE),
+        (encoded(gradient(300, 200), "PNG")[:200], DROP_UNDECODABLE_IMAGE),
+    ],
+)
 def test_bad_bytes_raise_with_reason(data: bytes | None, reason: str) -> None:
     with pytest.raises(ImageDropped) as e:
         decode_image(data, R)

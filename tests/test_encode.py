@@ -56,16 +56,28 @@ def messy_src(synthetic_parquet: Path, tmp_path_factory: pytest.TempPathFactory)
         10: ({"jpg_0": png("RGB", (2000, 40), (200, 10, 10))}, None),
         11: ({"label_0": 0.5}, "tie"),
     }
-    rows = [{**template, "ranking_id": 9_000_000 + i, "label_0": 1.0, **changes} for i, (changes, _) in cases.items()]
-    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(src / "data" / os.listdir(src / "data")[0])),
-                   src / "data" / "zz-odd.parquet")
+    rows = [
+        {**template, "ranking_id": 9_000_000 + i, "label_0": 1.0, **changes}
+        for i, (changes, _) in cases.items()
+    ]
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=pq.read_schema(src / "data" / os.listdir(src / "data")[0])),
+        src / "data" / "zz-odd.parquet",
+    )
     return src
 
 
 def encode(args: list[str], cluster, cwd: Path = REPO, **kw) -> subprocess.CompletedProcess:
     env = {**cluster.env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "stages.encode", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "stages.encode", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
+    )
 
 
 def read_samples(out: Path) -> dict[str, dict]:
@@ -94,7 +106,9 @@ def text_keys(out: Path) -> dict[str, dict[str, torch.Tensor]]:
     return texts
 
 
-def check_contract(out: Path, src_rows: dict[int, dict], family: str, mode: str, flip: bool) -> dict[str, PairMeta]:
+def check_contract(
+    out: Path, src_rows: dict[int, dict], family: str, mode: str, flip: bool
+) -> dict[str, PairMeta]:
     manifest = Manifest.load(out)
     assert manifest.model_family == family and manifest.latent_mode == mode and manifest.flip_variants == flip
     assert manifest.latent_shape == [4, 8, 8] and manifest.latent_dtype == "float16"
@@ -129,8 +143,22 @@ def rows_of(src: Path) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def sd15_out(messy_src: Path, tiny_sd15: Path, ray_cluster, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("enc") / "sd15"
-    r = encode(["--src", str(messy_src), "--out", str(out), "--model", str(tiny_sd15), *FAST,
-                "--chunk-files", "6", "--ray-address", ray_cluster.address], ray_cluster)
+    r = encode(
+        [
+            "--src",
+            str(messy_src),
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_sd15),
+            *FAST,
+            "--chunk-files",
+            "6",
+            "--ray-address",
+            ray_cluster.address,
+        ],
+        ray_cluster,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -142,18 +170,35 @@ def test_sd15_contract_drops_and_conversions(sd15_out: Path, messy_src: Path) ->
     ties = sum(r["label_0"] == 0.5 for r in rows.values())
     assert report.rows_read == len(rows) and report.rows_written == len(metas)
     assert report.rows_read == report.rows_written + sum(report.dropped.values())
-    assert report.dropped == {"tie": ties, "bad_label": 2, "null_caption": 1, "null_image": 1, "empty_image": 1,
-                              "undecodable_image": 2}
+    assert report.dropped == {
+        "tie": ties,
+        "bad_label": 2,
+        "null_caption": 1,
+        "null_image": 1,
+        "empty_image": 1,
+        "undecodable_image": 2,
+    }
     converted = {pair_key(9_000_000 + i) for i in (7, 8, 9, 10)}  # grayscale, CMYK, alpha, extreme aspect
     assert converted <= set(metas)
     assert metas[pair_key(9_000_010)].w.original_size == (40, 2000)
     assert len(Manifest.load(sd15_out).shards) >= 2 and (sd15_out / "pairs" / "chunk_00001").is_dir()
 
 
-def test_rerun_is_a_noop_and_other_config_is_an_error(sd15_out: Path, messy_src: Path, tiny_sd15: Path,
-                                                      ray_cluster) -> None:
+def test_rerun_is_a_noop_and_other_config_is_an_error(
+    sd15_out: Path, messy_src: Path, tiny_sd15: Path, ray_cluster
+) -> None:
     before = (sd15_out / "manifest.json").read_bytes()
-    args = ["--src", str(messy_src), "--out", str(sd15_out), "--model", str(tiny_sd15), *FAST, "--chunk-files", "6"]
+    args = [
+        "--src",
+        str(messy_src),
+        "--out",
+        str(sd15_out),
+        "--model",
+        str(tiny_sd15),
+        *FAST,
+        "--chunk-files",
+        "6",
+    ]
     r = encode([*args, "--ray-address", ray_cluster.address], ray_cluster)
     assert r.returncode == 0 and "nothing to do" in r.stdout
     assert (sd15_out / "manifest.json").read_bytes() == before
@@ -161,22 +206,55 @@ def test_rerun_is_a_noop_and_other_config_is_an_error(sd15_out: Path, messy_src:
     assert r.returncode == 2 and "flip" in r.stderr and "tie_policy" in r.stderr
 
 
-def test_sdxl_keeps_ties_and_has_pooled(synthetic_parquet: Path, tiny_sdxl: Path, ray_cluster, tmp_path) -> None:
+def test_sdxl_keeps_ties_and_has_pooled(
+    synthetic_parquet: Path, tiny_sdxl: Path, ray_cluster, tmp_path
+) -> None:
     """Also: a relative --out (as in `make encode`) resolves against the caller's working directory."""
     src = synthetic_parquet / "validation"
-    r = encode(["--src", str(src), "--out", "o", "--model", str(tiny_sdxl), *FAST,
-                "--tie-policy", "keep", "--ray-address", ray_cluster.address], ray_cluster, cwd=tmp_path)
+    r = encode(
+        [
+            "--src",
+            str(src),
+            "--out",
+            "o",
+            "--model",
+            str(tiny_sdxl),
+            *FAST,
+            "--tie-policy",
+            "keep",
+            "--ray-address",
+            ray_cluster.address,
+        ],
+        ray_cluster,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = rows_of(src)
     metas = check_contract(tmp_path / "o", rows, "sdxl", "moments", True)
     assert len(metas) == len(rows) and any(m.label_0 == 0.5 for m in metas.values())
 
 
-def test_mean_mode_no_flip_from_file_url_glob(synthetic_parquet: Path, tiny_sd15: Path, ray_cluster,
-                                              tmp_path) -> None:
+def test_mean_mode_no_flip_from_file_url_glob(
+    synthetic_parquet: Path, tiny_sd15: Path, ray_cluster, tmp_path
+) -> None:
     src = f"file://{synthetic_parquet}/validation/*.parquet"
-    r = encode(["--src", src, "--out", str(tmp_path / "o"), "--model", str(tiny_sd15), *FAST,
-                "--latent-mode", "mean", "--no-flip", "--ray-address", ray_cluster.address], ray_cluster)
+    r = encode(
+        [
+            "--src",
+            src,
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            str(tiny_sd15),
+            *FAST,
+            "--latent-mode",
+            "mean",
+            "--no-flip",
+            "--ray-address",
+            ray_cluster.address,
+        ],
+        ray_cluster,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     metas = check_contract(tmp_path / "o", rows_of(synthetic_parquet / "validation"), "sd15", "mean", False)
     assert all(m.label_0 in (0.0, 1.0) for m in metas.values())
@@ -196,8 +274,9 @@ def test_source_forms_list_the_same_files(messy_src: Path) -> None:
 
 
 @pytest.mark.parametrize("problem", ["unreadable", "missing_column"])
-def test_file_level_errors_name_file_and_column(problem: str, synthetic_parquet: Path, tiny_sd15: Path,
-                                                tmp_path: Path, capsys) -> None:
+def test_file_level_errors_name_file_and_column(
+    problem: str, synthetic_parquet: Path, tiny_sd15: Path, tmp_path: Path, capsys
+) -> None:
     src = tmp_path / "src"
     shutil.copytree(synthetic_parquet / "validation", src)
     bad = src / "validation-bad.parquet"
@@ -212,14 +291,31 @@ def test_file_level_errors_name_file_and_column(problem: str, synthetic_parquet:
     assert not (tmp_path / "o").exists()
 
 
-def test_kill9_then_rerun_publishes_exactly_the_same_rows(sd15_out: Path, messy_src: Path, tiny_sd15: Path,
-                                                          ray_cluster, tmp_path: Path) -> None:
+def test_kill9_then_rerun_publishes_exactly_the_same_rows(
+    sd15_out: Path, messy_src: Path, tiny_sd15: Path, ray_cluster, tmp_path: Path
+) -> None:
     out = tmp_path / "o"
-    args = ["--src", str(messy_src), "--out", str(out), "--model", str(tiny_sd15), *FAST, "--chunk-files", "6",
-            "--ray-address", ray_cluster.address]
+    args = [
+        "--src",
+        str(messy_src),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_sd15),
+        *FAST,
+        "--chunk-files",
+        "6",
+        "--ray-address",
+        ray_cluster.address,
+    ]
     env = {**ray_cluster.env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "stages.encode", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.encode", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:  # kill while chunk 0 is being written: a tar exists in its .tmp dir
         tmp = out / "pairs" / "chunk_00000.tmp"
         while proc.poll() is None and not list(tmp.glob("*.tar")):
@@ -236,13 +332,37 @@ def test_kill9_then_rerun_publishes_exactly_the_same_rows(sd15_out: Path, messy_
     assert Report.load(out).dropped == Report.load(sd15_out).dropped
 
 
-def test_ray_job_submit_on_two_nodes(synthetic_parquet: Path, tiny_sd15: Path, ray_cluster, tmp_path: Path) -> None:
+def test_ray_job_submit_on_two_nodes(
+    synthetic_parquet: Path, tiny_sd15: Path, ray_cluster, tmp_path: Path
+) -> None:
     out = tmp_path / "o"
     r = subprocess.run(
-        [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_cluster.dashboard_url,
-         "--working-dir", str(REPO), "--", "python", "-m", "stages.encode", "--src",
-         str(synthetic_parquet / "validation"), "--out", str(out), "--model", str(tiny_sd15), *FAST],
-        cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+        [
+            str(Path(sys.executable).with_name("ray")),
+            "job",
+            "submit",
+            "--address",
+            ray_cluster.dashboard_url,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "python",
+            "-m",
+            "stages.encode",
+            "--src",
+            str(synthetic_parquet / "validation"),
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_sd15),
+            *FAST,
+        ],
+        cwd=REPO,
+        env=ray_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "succeeded" in r.stdout
     check_contract(out, rows_of(synthetic_parquet / "validation"), "sd15", "moments", True)

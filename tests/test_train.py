@@ -21,8 +21,21 @@ from trainer.data import read_pair_shard
 from trainer.evaluate import evaluate, load_for_eval
 from trainer.model import draw_noise, load_models, pair_errors, reference_errors
 
-FAST = ["--batch-size", "4", "--num-workers", "1", "--learning-rate", "1e-3", "--no-scale-lr",
-        "--lr-warmup-steps", "0", "--report-to", "none", "--log-every", "1"]
+FAST = [
+    "--batch-size",
+    "4",
+    "--num-workers",
+    "1",
+    "--learning-rate",
+    "1e-3",
+    "--no-scale-lr",
+    "--lr-warmup-steps",
+    "0",
+    "--report-to",
+    "none",
+    "--log-every",
+    "1",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +47,9 @@ def _fresh_accelerate_state():
 
 
 def run_train(data: Path, model: Path, out: Path, *args: str) -> None:
-    assert train.main(["--data", str(data), "--model", str(model), "--output-dir", str(out), *FAST, *args]) == 0
+    assert (
+        train.main(["--data", str(data), "--model", str(model), "--output-dir", str(out), *FAST, *args]) == 0
+    )
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -45,15 +60,27 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_trains_and_exports(family: str, lora: bool, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     model, data = request.getfixturevalue(f"tiny_{family}"), request.getfixturevalue(f"latent_{family}")
-    run_train(data, model, tmp_path, "--max-steps", "2", "--checkpoint-every", "1",
-              *(["--lora-rank", "4"] if lora else []))
+    run_train(
+        data,
+        model,
+        tmp_path,
+        "--max-steps",
+        "2",
+        "--checkpoint-every",
+        "1",
+        *(["--lora-rank", "4"] if lora else []),
+    )
     base = UNet2DConditionModel.from_pretrained(model, subfolder="unet").state_dict()
     trained = UNet2DConditionModel.from_pretrained(tmp_path / "final" / "unet").state_dict()
     assert base.keys() == trained.keys()
     assert any(not torch.equal(base[k], trained[k]) for k in base)
     ckpt = tmp_path / "checkpoints" / "step_00000002"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "optimizer.json",
-                                                       "optimizer.safetensors", "state.json"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "model.safetensors",
+        "optimizer.json",
+        "optimizer.safetensors",
+        "state.json",
+    ]
     saved = load_file(ckpt / "model.safetensors")
     assert all("lora" in k for k in saved) if lora else len(saved) == len(base)
     if lora:  # the adapter loads into a diffusers pipeline, and fused it equals the exported merged UNet
@@ -64,8 +91,12 @@ def test_trains_and_exports(family: str, lora: bool, request: pytest.FixtureRequ
         pipe.unload_lora_weights()
         for k, v in pipe.unet.state_dict().items():
             torch.testing.assert_close(v, trained[k], rtol=1e-5, atol=1e-6)
-        as_lora = evaluate(*load_for_eval(str(model), None, str(tmp_path / "final" / "lora")), data, max_pairs=8)
-        merged = evaluate(*load_for_eval(str(model), str(tmp_path / "final" / "unet"), None), data, max_pairs=8)
+        as_lora = evaluate(
+            *load_for_eval(str(model), None, str(tmp_path / "final" / "lora")), data, max_pairs=8
+        )
+        merged = evaluate(
+            *load_for_eval(str(model), str(tmp_path / "final" / "unet"), None), data, max_pairs=8
+        )
         assert as_lora["policy_err_w"] == pytest.approx(merged["policy_err_w"], rel=1e-4)
         assert as_lora["policy_err_w"] != as_lora["ref_err_w"]
 
@@ -89,8 +120,18 @@ def test_lora_reference_is_the_base_unet(tiny_sd15: Path, latent_sd15: Path) -> 
 
 
 def test_resume_latest_is_bit_identical(tiny_sd15: Path, latent_sd15: Path, tmp_path: Path) -> None:
-    common = ("--batch-size", "2", "--gradient-accumulation-steps", "2", "--checkpoint-every", "2",
-              "--caption-dropout", "0.3", "--lr-warmup-steps", "2")
+    common = (
+        "--batch-size",
+        "2",
+        "--gradient-accumulation-steps",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--caption-dropout",
+        "0.3",
+        "--lr-warmup-steps",
+        "2",
+    )
     run_train(latent_sd15, tiny_sd15, tmp_path / "straight", "--max-steps", "4", *common)
     run_train(latent_sd15, tiny_sd15, tmp_path / "split", "--max-steps", "2", *common)
     run_train(latent_sd15, tiny_sd15, tmp_path / "split", "--max-steps", "4", "--resume", "latest", *common)
@@ -100,8 +141,17 @@ def test_resume_latest_is_bit_identical(tiny_sd15: Path, latent_sd15: Path, tmp_
     assert state["batches_consumed"] == 8 and state["global_step"] == 4 and state["skipped_steps"] == 0
     assert state["lr_scheduler"]["last_epoch"] == 4
     with pytest.raises(SystemExit, match="batch_size: checkpoint 2, now 4"):
-        run_train(latent_sd15, tiny_sd15, tmp_path / "split", "--max-steps", "6", "--resume", "latest",
-                  "--checkpoint-every", "2")
+        run_train(
+            latent_sd15,
+            tiny_sd15,
+            tmp_path / "split",
+            "--max-steps",
+            "6",
+            "--resume",
+            "latest",
+            "--checkpoint-every",
+            "2",
+        )
 
 
 def _poison_shard(data: Path, shard: int) -> None:
@@ -120,8 +170,19 @@ def _poison_shard(data: Path, shard: int) -> None:
 def test_non_finite_steps_are_skipped_and_counted(tiny_sd15: Path, tmp_path: Path) -> None:
     data = write_latent_dataset(tmp_path / "data", family="sd15", num_pairs=16, shard_size=4)
     _poison_shard(data, 1)
-    run_train(data, tiny_sd15, tmp_path / "run", "--max-steps", "8", "--checkpoint-every", "8",
-              "--shards-in-flight", "1", "--report-to", "tensorboard")
+    run_train(
+        data,
+        tiny_sd15,
+        tmp_path / "run",
+        "--max-steps",
+        "8",
+        "--checkpoint-every",
+        "8",
+        "--shards-in-flight",
+        "1",
+        "--report-to",
+        "tensorboard",
+    )
     state = read_json(tmp_path / "run" / "checkpoints" / "step_00000008" / "state.json")
     assert 0 < state["skipped_steps"] < 8  # shard 1 comes up in some steps, the others still train
     weights = final_weights(tmp_path / "run")
@@ -130,15 +191,38 @@ def test_non_finite_steps_are_skipped_and_counted(tiny_sd15: Path, tmp_path: Pat
     events.Reload()
     skipped = [e.value for e in events.Scalars("skipped_steps")]
     assert skipped[-1] == state["skipped_steps"]
-    for tag in ("loss", "implicit_accuracy", "reward_margin", "policy_err_w", "ref_err_l", "grad_norm", "lr",
-                "pairs_per_s", "data_wait_fraction"):
+    for tag in (
+        "loss",
+        "implicit_accuracy",
+        "reward_margin",
+        "policy_err_w",
+        "ref_err_l",
+        "grad_norm",
+        "lr",
+        "pairs_per_s",
+        "data_wait_fraction",
+    ):
         assert tag in events.Tags()["scalars"], tag
 
 
-def test_eval_during_training(tiny_sd15: Path, latent_sd15: Path, tmp_path: Path,
-                              capsys: pytest.CaptureFixture[str]) -> None:
-    run_train(latent_sd15, tiny_sd15, tmp_path, "--max-steps", "2", "--checkpoint-every", "0",
-              "--val-data", str(latent_sd15), "--eval-every", "1", "--eval-max-pairs", "8")
+def test_eval_during_training(
+    tiny_sd15: Path, latent_sd15: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_train(
+        latent_sd15,
+        tiny_sd15,
+        tmp_path,
+        "--max-steps",
+        "2",
+        "--checkpoint-every",
+        "0",
+        "--val-data",
+        str(latent_sd15),
+        "--eval-every",
+        "1",
+        "--eval-max-pairs",
+        "8",
+    )
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("eval ")]
     assert len(lines) == 2
     summary = json.loads(lines[-1].removeprefix("eval "))
@@ -147,8 +231,22 @@ def test_eval_during_training(tiny_sd15: Path, latent_sd15: Path, tmp_path: Path
 
 
 def test_data_only_reports_pairs_per_s(latent_sd15: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert train.main(["--data", str(latent_sd15), "--data-only", "--max-steps", "5", "--batch-size", "4",
-                       "--num-workers", "1"]) == 0
+    assert (
+        train.main(
+            [
+                "--data",
+                str(latent_sd15),
+                "--data-only",
+                "--max-steps",
+                "5",
+                "--batch-size",
+                "4",
+                "--num-workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["pairs"] == 20 and result["pairs_per_s"] > 0
     assert 0 < result["first_batch_s"] < result["seconds"]
@@ -159,14 +257,39 @@ def test_bad_config_names_the_problem(tmp_path: Path) -> None:
         train.main(["--data", str(tmp_path), "--model", "m", "--loss", "kto"])
 
 
-
 @pytest.mark.parametrize(("threshold", "code"), [(0.0, 0), (1.01, 1)])
-def test_demo_reports_both_accuracies(tiny_sd15: Path, latent_sd15: Path, tmp_path: Path, threshold: float,
-                                      code: int, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--config", str(Path(__file__).parents[1] / "configs" / "demo.toml"), "--data", str(latent_sd15),
-            "--val-data", str(latent_sd15), "--model", str(tiny_sd15), "--output-dir", str(tmp_path),
-            "--max-steps", "2", "--batch-size", "4", "--num-workers", "1", "--eval-max-pairs", "8",
-            "--report-to", "none", "--min-accuracy", str(threshold)]
+def test_demo_reports_both_accuracies(
+    tiny_sd15: Path,
+    latent_sd15: Path,
+    tmp_path: Path,
+    threshold: float,
+    code: int,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = [
+        "--config",
+        str(Path(__file__).parents[1] / "configs" / "demo.toml"),
+        "--data",
+        str(latent_sd15),
+        "--val-data",
+        str(latent_sd15),
+        "--model",
+        str(tiny_sd15),
+        "--output-dir",
+        str(tmp_path),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "1",
+        "--eval-max-pairs",
+        "8",
+        "--report-to",
+        "none",
+        "--min-accuracy",
+        str(threshold),
+    ]
     assert demo.main(argv) == code
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["reference"]["implicit_accuracy"] == 0.5

@@ -26,20 +26,46 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WDS_SECURE": "1", "PYTHONPATH": st
 
 def _args(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
     """6 steps of batch 2 with a loader worker and a checkpoint every 2 steps; later flags override."""
-    return ["-m", "trainer.train", "--data", str(data), "--model", str(model), "--output-dir", str(out),
-            "--max-steps", "6", "--batch-size", "2", "--num-workers", "1", "--checkpoint-every", "2",
-            "--learning-rate", "1e-3", "--no-scale-lr", "--lr-warmup-steps", "0", "--report-to", "none", *extra]
+    return [
+        "-m",
+        "trainer.train",
+        "--data",
+        str(data),
+        "--model",
+        str(model),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "1",
+        "--checkpoint-every",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        "--no-scale-lr",
+        "--lr-warmup-steps",
+        "0",
+        "--report-to",
+        "none",
+        *extra,
+    ]
 
 
 def _run(args: list[str], env: dict[str, str] | None = None) -> None:
-    proc = subprocess.run([sys.executable, *args], env=env or ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, *args], env=env or ENV, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _kill_when(args: list[str], ready: Path, env: dict[str, str] | None = None) -> None:
     """Start the trainer and SIGKILL it as soon as `ready` exists."""
-    proc = subprocess.Popen([sys.executable, *args], env=env or ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, *args], env=env or ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         while not ready.exists():
             assert proc.poll() is None, f"trainer exited ({proc.returncode}) before {ready} appeared"
@@ -65,8 +91,11 @@ def test_sigkill_during_training_and_during_save(tiny_sd15: Path, latent_sd15: P
 
     # killed while training, right after the step-2 checkpoint was published
     crashed = tmp_path / "crashed"  # saves take 2 s more, so the run cannot finish before the kill lands
-    _kill_when(_args(latent_sd15, tiny_sd15, crashed), crashed / "checkpoints" / "step_00000002" / "state.json",
-               env={**ENV, SAVE_DELAY_ENV: "2"})
+    _kill_when(
+        _args(latent_sd15, tiny_sd15, crashed),
+        crashed / "checkpoints" / "step_00000002" / "state.json",
+        env={**ENV, SAVE_DELAY_ENV: "2"},
+    )
     _run(_args(latent_sd15, tiny_sd15, crashed, "--resume", "latest"))
     assert _same(straight, crashed)
 
@@ -74,8 +103,11 @@ def test_sigkill_during_training_and_during_save(tiny_sd15: Path, latent_sd15: P
     torn = tmp_path / "torn"
     shutil.copytree(straight / "checkpoints" / "step_00000002", torn / "checkpoints" / "step_00000002")
     slow_save = {**ENV, SAVE_DELAY_ENV: "60"}
-    _kill_when(_args(latent_sd15, tiny_sd15, torn, "--resume", "latest"),
-               torn / "checkpoints" / "step_00000004.tmp" / "model.safetensors", env=slow_save)
+    _kill_when(
+        _args(latent_sd15, tiny_sd15, torn, "--resume", "latest"),
+        torn / "checkpoints" / "step_00000004.tmp" / "model.safetensors",
+        env=slow_save,
+    )
     assert not (torn / "checkpoints" / "step_00000004").exists()
     _run(_args(latent_sd15, tiny_sd15, torn, "--resume", "latest"))
     assert _same(straight, torn)
@@ -88,8 +120,18 @@ def test_torchrun_two_cpu_processes(tiny_sd15: Path, latent_sd15: Path, tmp_path
     _run(torchrun + _args(latent_sd15, tiny_sd15, full, "--checkpoints-total-limit", "0", "--max-steps", "4"))
     state = read_json(full / "checkpoints" / "step_00000002" / "state.json")
     assert state["world_size"] == 2 and state["batches_consumed"] == 2
-    _run(torchrun + _args(latent_sd15, tiny_sd15, resumed, "--max-steps", "4", "--resume",
-                          str(full / "checkpoints" / "step_00000002")))
+    _run(
+        torchrun
+        + _args(
+            latent_sd15,
+            tiny_sd15,
+            resumed,
+            "--max-steps",
+            "4",
+            "--resume",
+            str(full / "checkpoints" / "step_00000002"),
+        )
+    )
     assert _same(full, resumed)
     # the two ranks read disjoint pairs: the stream the trainer builds for each rank
     keys = []
@@ -99,6 +141,11 @@ def test_torchrun_two_cpu_processes(tiny_sd15: Path, latent_sd15: Path, tmp_path
         keys.append({k for _ in range(4) for k in next(batches)["keys"]})
     assert not keys[0] & keys[1]
     # resuming with another world size is refused
-    proc = subprocess.run([sys.executable, *_args(latent_sd15, tiny_sd15, full, "--resume", "latest")], env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, *_args(latent_sd15, tiny_sd15, full, "--resume", "latest")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "world_size: checkpoint 2, now 1" in proc.stderr

@@ -76,7 +76,9 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def _split_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _split_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -89,9 +91,16 @@ def _split_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, 
     return tensors, {"state": scalars, "param_groups": sd["param_groups"]}
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, unet: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, lr_scheduler: Any, state: dict[str, Any],
-                    total_limit: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    step: int,
+    unet: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    state: dict[str, Any],
+    total_limit: int,
+) -> Path:
     """Write checkpoint `step` atomically from the main process; every rank must call this (it synchronises)."""
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -108,8 +117,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         sched = lr_scheduler.state_dict()
         sched.pop("lr_lambdas", None)  # closures; rebuilt from the config
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        atomic_write_json(tmp / "state.json", {**state, "global_step": step, "lr_scheduler": sched,
-                                               "grad_scaler": scaler})
+        atomic_write_json(
+            tmp / "state.json", {**state, "global_step": step, "lr_scheduler": sched, "grad_scaler": scaler}
+        )
         _fsync_tree(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -122,15 +132,25 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
 
 
 def check_topology(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}" for k in TOPOLOGY_KEYS
-             if saved.get(k) != current[k]]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}"
+        for k in TOPOLOGY_KEYS
+        if saved.get(k) != current[k]
+    ]
     if diffs:
-        raise SystemExit(f"error: cannot resume from {path}: the data position depends on the topology, which "
-                         f"differs ({'; '.join(diffs)}). Resume with the same settings.")
+        raise SystemExit(
+            f"error: cannot resume from {path}: the data position depends on the topology, which "
+            f"differs ({'; '.join(diffs)}). Resume with the same settings."
+        )
 
 
-def load_checkpoint(path: Path, accelerator: Accelerator, unet: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    lr_scheduler: Any) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path,
+    accelerator: Accelerator,
+    unet: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+) -> dict[str, Any]:
     """Restore weights, optimizer, lr schedule and grad scaler in place; returns state.json for the rest."""
     state = read_json(path / "state.json")
     weights = load_file(path / "model.safetensors")
@@ -138,8 +158,10 @@ def load_checkpoint(path: Path, accelerator: Accelerator, unet: torch.nn.Module,
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        raise SystemExit(f"error: {path / 'model.safetensors'} does not match the model "
-                         f"(missing {missing[:5]}, unexpected {extra[:5]}); was it saved with another LoRA setting?")
+        raise SystemExit(
+            f"error: {path / 'model.safetensors'} does not match the model "
+            f"(missing {missing[:5]}, unexpected {extra[:5]}); was it saved with another LoRA setting?"
+        )
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
@@ -161,8 +183,9 @@ def load_checkpoint(path: Path, accelerator: Accelerator, unet: torch.nn.Module,
     return state
 
 
-def export_final(accelerator: Accelerator, unet: UNet2DConditionModel, output_dir: str | Path,
-                 is_sdxl: bool) -> Path:
+def export_final(
+    accelerator: Accelerator, unet: UNet2DConditionModel, output_dir: str | Path, is_sdxl: bool
+) -> Path:
     """`OUT/final/unet/` (merged UNet, diffusers layout) and, for LoRA, `OUT/final/lora/` loadable by
     `pipe.load_lora_weights`. Each folder is written aside and renamed into place."""
     final = Path(output_dir) / "final"
@@ -173,7 +196,8 @@ def export_final(accelerator: Accelerator, unet: UNet2DConditionModel, output_di
             shutil.rmtree(lora_tmp, ignore_errors=True)
             pipeline = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
             pipeline.save_lora_weights(
-                lora_tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+                lora_tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            )
             publish_dir(lora_tmp, final / "lora")
             unet = copy.deepcopy(unet)
             unet.fuse_lora()

@@ -32,7 +32,9 @@ from schemas.sample import PAIR_META_EXT, TENSORS_EXT, PairMeta, decode_tensors,
 from trainer.text_store import TextEmbeddingStore
 
 _MEMBER_EXTS = (f".{PAIR_META_EXT}", f".{TENSORS_EXT}")
-_BLOCK_POSITIONS = 1 << 16  # shard-sequence positions whose epoch permutations are drawn in one vectorised call
+_BLOCK_POSITIONS = (
+    1 << 16
+)  # shard-sequence positions whose epoch permutations are drawn in one vectorised call
 
 
 def _seed(*parts: int) -> int:
@@ -58,8 +60,9 @@ def read_pair_shard(path: Path, expected: int) -> list[_RawPair]:
     out = []
     try:
         with open(path, "rb") as stream:
-            members = tar_file_expander([{"url": str(path), "stream": stream}],
-                                        select_files=lambda name: name.endswith(_MEMBER_EXTS))
+            members = tar_file_expander(
+                [{"url": str(path), "stream": stream}], select_files=lambda name: name.endswith(_MEMBER_EXTS)
+            )
             for sample in group_by_keys(members):
                 key = sample["__key__"]
                 missing = [ext for ext in (PAIR_META_EXT, TENSORS_EXT) if ext not in sample]
@@ -99,8 +102,9 @@ class _ShardSequence:
         return self._cache[b]
 
     def shard_at(self, positions: np.ndarray) -> np.ndarray:
-        return np.array([self.block(int(p) // self.block_len)[int(p) % self.block_len] for p in positions],
-                        dtype=np.int64)
+        return np.array(
+            [self.block(int(p) // self.block_len)[int(p) % self.block_len] for p in positions], dtype=np.int64
+        )
 
     def locate(self, slot: int, slots: int, skip: int) -> tuple[int, int]:
         """For slot `slot`'s sub-sequence (positions slot + j·slots): the j holding sample `skip` of the slot's
@@ -129,13 +133,27 @@ class LatentPairStream(IterableDataset):
     only happen when the encode cached them.
     """
 
-    def __init__(self, data_dir: str | Path, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, start_batch: int = 0, caption_dropout: float = 0.0,
-                 shards_in_flight: int = 4, random_flip: bool = True, sample_latents: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        start_batch: int = 0,
+        caption_dropout: float = 0.0,
+        shards_in_flight: int = 4,
+        random_flip: bool = True,
+        sample_latents: bool = True,
+    ) -> None:
         super().__init__()
         os.environ.setdefault("WDS_SECURE", "1")  # webdataset refuses pickle-based decoders
         if batch_size < 1 or shards_in_flight < 1 or num_workers < 0 or start_batch < 0 or seed < 0:
-            raise ValueError("batch_size and shards_in_flight must be >= 1; num_workers, start_batch, seed >= 0")
+            raise ValueError(
+                "batch_size and shards_in_flight must be >= 1; num_workers, start_batch, seed >= 0"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if not 0.0 <= caption_dropout <= 1.0:
@@ -155,7 +173,9 @@ class LatentPairStream(IterableDataset):
         self.random_flip = random_flip and self.manifest.flip_variants
         self.sample_latents = sample_latents
         self.collate = PairCollator(self.data_dir, self.manifest)
-        self.sequence = _ShardSequence(np.array([s.num_samples for s in self.manifest.shards], dtype=np.int64), seed)
+        self.sequence = _ShardSequence(
+            np.array([s.num_samples for s in self.manifest.shards], dtype=np.int64), seed
+        )
 
     def _role(self) -> tuple[int, int]:
         """(slot, workers per rank) for the calling process, with the resume rotation applied."""
@@ -163,7 +183,9 @@ class LatentPairStream(IterableDataset):
         workers = max(self.num_workers, 1)
         worker = info.id if info is not None else 0
         if info is not None and info.num_workers != workers:
-            raise RuntimeError(f"stream built for num_workers={self.num_workers}, loader has {info.num_workers}")
+            raise RuntimeError(
+                f"stream built for num_workers={self.num_workers}, loader has {info.num_workers}"
+            )
         role = (worker + self.start_batch) % workers
         return self.rank * workers + role, workers
 
@@ -196,7 +218,7 @@ class LatentPairStream(IterableDataset):
             group += 1
             start = 0
             while len(pending) - start >= self.batch_size:  # a batch may straddle two groups
-                yield self._make_batch(pending[start:start + self.batch_size], slot, batch_index)
+                yield self._make_batch(pending[start : start + self.batch_size], slot, batch_index)
                 start += self.batch_size
                 batch_index += 1
             pending = pending[start:]
@@ -221,8 +243,9 @@ class PairCollator:
         self.text = TextEmbeddingStore(data_dir, manifest)
         self.is_sdxl = manifest.model_family == "sdxl"
 
-    def _latents(self, means: list[torch.Tensor], logvars: list[torch.Tensor], eps: torch.Tensor | None
-                 ) -> torch.Tensor:
+    def _latents(
+        self, means: list[torch.Tensor], logvars: list[torch.Tensor], eps: torch.Tensor | None
+    ) -> torch.Tensor:
         """(mean + exp(logvar / 2)·eps − shift)·scale for the whole batch at once, [n, 2, C, h, w] with the
         preferred image first; the plain mean when eps is None. One vectorised op per step instead of one per
         image keeps the stream far ahead of the accelerator."""
@@ -233,10 +256,22 @@ class PairCollator:
             latents -= self.manifest.vae_shift_factor
         return latents.mul_(self.manifest.vae_scaling_factor).unflatten(0, (-1, 2))
 
-    def __call__(self, batch: list[_RawPair], flips: torch.Tensor, drops: torch.Tensor,
-                 eps: torch.Tensor | None) -> dict:
-        out: dict[str, list] = {k: [] for k in ("means", "logvars", "prompt_embeds", "pooled_prompt_embeds",
-                                                  "w_time_ids", "l_time_ids", "label", "keys")}
+    def __call__(
+        self, batch: list[_RawPair], flips: torch.Tensor, drops: torch.Tensor, eps: torch.Tensor | None
+    ) -> dict:
+        out: dict[str, list] = {
+            k: []
+            for k in (
+                "means",
+                "logvars",
+                "prompt_embeds",
+                "pooled_prompt_embeds",
+                "w_time_ids",
+                "l_time_ids",
+                "label",
+                "keys",
+            )
+        }
         resolution = self.manifest.resolution
         for i, raw in enumerate(batch):
             meta = PairMeta.from_json_bytes(raw.meta, raw.where)
@@ -246,8 +281,10 @@ class PairCollator:
             for side, image in (("w", meta.w), ("l", meta.l)):
                 mean = tensors[f"{side}_mean{view}"]
                 if list(mean.shape) != self.manifest.latent_shape:
-                    raise ValueError(f"{raw.where}: {side}_mean{view} shape {list(mean.shape)}, manifest says "
-                                     f"{self.manifest.latent_shape}")
+                    raise ValueError(
+                        f"{raw.where}: {side}_mean{view} shape {list(mean.shape)}, manifest says "
+                        f"{self.manifest.latent_shape}"
+                    )
                 out["means"].append(mean)
                 if eps is not None:
                     out["logvars"].append(tensors[f"{side}_logvar{view}"])
@@ -264,9 +301,13 @@ class PairCollator:
             out["label"].append(0.5 if meta.label_0 == 0.5 else 1.0)
             out["keys"].append(raw.key)
         latents = self._latents(out["means"], out["logvars"], None if eps is None else eps.flatten(0, 1))
-        result: dict = {"w_latents": latents[:, 0], "l_latents": latents[:, 1],
-                        "prompt_embeds": torch.stack(out["prompt_embeds"]).float(),
-                        "label": torch.tensor(out["label"], dtype=torch.float32), "keys": out["keys"]}
+        result: dict = {
+            "w_latents": latents[:, 0],
+            "l_latents": latents[:, 1],
+            "prompt_embeds": torch.stack(out["prompt_embeds"]).float(),
+            "label": torch.tensor(out["label"], dtype=torch.float32),
+            "keys": out["keys"],
+        }
         if self.is_sdxl:
             result["pooled_prompt_embeds"] = torch.stack(out["pooled_prompt_embeds"]).float()
             for side in ("w", "l"):
@@ -277,11 +318,19 @@ class PairCollator:
 def make_loader(stream: LatentPairStream, *, pin_memory: bool = False) -> DataLoader:
     """A plain in-order DataLoader over the stream (batches come pre-formed); keep it out of accelerator.prepare."""
     workers = stream.num_workers
-    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0, in_order=True)
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        in_order=True,
+    )
 
 
-def iter_eval_batches(data_dir: str | Path, *, batch_size: int, max_pairs: int | None = None) -> Iterator[dict]:
+def iter_eval_batches(
+    data_dir: str | Path, *, batch_size: int, max_pairs: int | None = None
+) -> Iterator[dict]:
     """Every pair once, in manifest order, deterministically: posterior means, no flip, no caption dropout."""
     os.environ.setdefault("WDS_SECURE", "1")
     data_dir = Path(data_dir)
@@ -294,7 +343,7 @@ def iter_eval_batches(data_dir: str | Path, *, batch_size: int, max_pairs: int |
         if done + len(pending) >= limit:
             break
         pending.extend(read_pair_shard(data_dir / entry.path, entry.num_samples))
-        pending = pending[:limit - done]
+        pending = pending[: limit - done]
         while len(pending) >= batch_size or (pending and done + len(pending) == limit):
             batch, pending = pending[:batch_size], pending[batch_size:]
             off = torch.zeros(len(batch), dtype=torch.bool)

@@ -19,8 +19,16 @@ from trainer.evaluate import evaluate, load_for_eval
 
 def held_out_accuracy(cfg: TrainConfig, unet_dir: str | None) -> dict[str, float]:
     models, policy = load_for_eval(cfg.model, unet_dir, None)
-    return evaluate(models, policy, cfg.val_data, batch_size=cfg.batch_size, max_pairs=cfg.eval_max_pairs,
-                    seed=cfg.seed, beta=cfg.beta, draws=cfg.eval_draws)
+    return evaluate(
+        models,
+        policy,
+        cfg.val_data,
+        batch_size=cfg.batch_size,
+        max_pairs=cfg.eval_max_pairs,
+        seed=cfg.seed,
+        beta=cfg.beta,
+        draws=cfg.eval_draws,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,13 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.val_data:
         raise SystemExit("error: the demo needs --val-data")
     before = held_out_accuracy(cfg, None)
-    print(f"reference implicit accuracy on {before['num_pairs']} held-out pairs: {before['implicit_accuracy']:.3f}")
+    print(
+        f"reference implicit accuracy on {before['num_pairs']} held-out pairs: {before['implicit_accuracy']:.3f}"
+    )
     train.main(rest)
     after = held_out_accuracy(cfg, str(Path(cfg.output_dir) / "final" / "unet"))
     ok = after["implicit_accuracy"] >= args.min_accuracy
-    print(f"reference accuracy {before['implicit_accuracy']:.3f} → DPO policy accuracy "
-          f"{after['implicit_accuracy']:.3f} (reward margin {after['reward_margin']:.3g}); "
-          f"{'PASS' if ok else 'FAIL'}: threshold {args.min_accuracy}")
+    print(
+        f"reference accuracy {before['implicit_accuracy']:.3f} → DPO policy accuracy "
+        f"{after['implicit_accuracy']:.3f} (reward margin {after['reward_margin']:.3g}); "
+        f"{'PASS' if ok else 'FAIL'}: threshold {args.min_accuracy}"
+    )
     print(json.dumps({"reference": before, "policy": after, "min_accuracy": args.min_accuracy, "passed": ok}))
     return 0 if ok else 1
 

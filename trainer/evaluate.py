@@ -25,15 +25,31 @@ from trainer.data import iter_eval_batches
 from trainer.losses import diffusion_dpo_loss, dpo_logits, implicit_accuracy, reward_margin
 from trainer.model import Models, draw_eval_noise, load_models, pair_errors, reference_errors, to_device
 
-METRICS = ("implicit_accuracy", "reward_margin", "dpo_loss", "policy_err_w", "policy_err_l", "ref_err_w",
-           "ref_err_l")
+METRICS = (
+    "implicit_accuracy",
+    "reward_margin",
+    "dpo_loss",
+    "policy_err_w",
+    "policy_err_l",
+    "ref_err_w",
+    "ref_err_l",
+)
 
 
 @torch.no_grad()
-def evaluate(models: Models, policy: UNet2DConditionModel, data_dir: str | Path, *, batch_size: int = 16,
-             max_pairs: int | None = None, seed: int = 0, beta: float = 5000.0, draws: int = 4,
-             device: torch.device | str = "cpu",
-             autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, float]:
+def evaluate(
+    models: Models,
+    policy: UNet2DConditionModel,
+    data_dir: str | Path,
+    *,
+    batch_size: int = 16,
+    max_pairs: int | None = None,
+    seed: int = 0,
+    beta: float = 5000.0,
+    draws: int = 4,
+    device: torch.device | str = "cpu",
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> dict[str, float]:
     """Means over the first `max_pairs` pairs of `data_dir`. `policy` is the unwrapped policy; when it is also the
     reference (no reference copy, no LoRA), its errors are reused, so the accuracy is exactly 0.5."""
     policy_is_reference = models.reference is None and not models.is_lora
@@ -46,21 +62,29 @@ def evaluate(models: Models, policy: UNet2DConditionModel, data_dir: str | Path,
             batch = to_device(batch, torch.device(device))
             errors = torch.zeros(4, len(batch["keys"]), device=device)
             for draw in range(draws):
-                noise, timesteps = draw_eval_noise(batch, models.scheduler.config.num_train_timesteps, seed=seed,
-                                                   draw=draw)
+                noise, timesteps = draw_eval_noise(
+                    batch, models.scheduler.config.num_train_timesteps, seed=seed, draw=draw
+                )
                 with autocast():
                     ref = reference_errors(models, policy, batch, noise, timesteps)
-                    pol = ref if policy_is_reference else pair_errors(policy, models.scheduler, batch, noise,
-                                                                      timesteps)
+                    pol = (
+                        ref
+                        if policy_is_reference
+                        else pair_errors(policy, models.scheduler, batch, noise, timesteps)
+                    )
                 errors += torch.stack([*pol, *ref]).float() / draws
             pol_w, pol_l, ref_w, ref_l = errors
             h = dpo_logits(pol_w, pol_l, ref_w, ref_l, beta)
             per_pair = {
                 "implicit_accuracy": implicit_accuracy(h),
                 "reward_margin": reward_margin(pol_w, pol_l, ref_w, ref_l),
-                "dpo_loss": diffusion_dpo_loss(pol_w, pol_l, ref_w, ref_l, beta, reduction="none",
-                                               label=batch["label"]),
-                "policy_err_w": pol_w, "policy_err_l": pol_l, "ref_err_w": ref_w, "ref_err_l": ref_l,
+                "dpo_loss": diffusion_dpo_loss(
+                    pol_w, pol_l, ref_w, ref_l, beta, reduction="none", label=batch["label"]
+                ),
+                "policy_err_w": pol_w,
+                "policy_err_l": pol_l,
+                "ref_err_w": ref_w,
+                "ref_err_l": ref_l,
             }
             for k, v in per_pair.items():
                 sums[k] += float(v.double().sum())
@@ -72,7 +96,9 @@ def evaluate(models: Models, policy: UNet2DConditionModel, data_dir: str | Path,
     return {**{k: v / n for k, v in sums.items()}, "num_pairs": n}
 
 
-def load_for_eval(model: str, unet_dir: str | None, lora_dir: str | None) -> tuple[Models, UNet2DConditionModel]:
+def load_for_eval(
+    model: str, unet_dir: str | None, lora_dir: str | None
+) -> tuple[Models, UNet2DConditionModel]:
     """Reference = the base UNet of `model`; policy = `--unet`, or the base with `--lora` adapters, or the base."""
     if unet_dir and lora_dir:
         raise SystemExit("error: give --unet or --lora, not both")
@@ -107,8 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     models.policy.to(device)
     if models.reference is not None:
         models.reference.to(device)
-    result = evaluate(models, policy, args.data, batch_size=args.batch_size, max_pairs=args.max_pairs,
-                      seed=args.seed, beta=args.beta, draws=args.draws, device=device)
+    result = evaluate(
+        models,
+        policy,
+        args.data,
+        batch_size=args.batch_size,
+        max_pairs=args.max_pairs,
+        seed=args.seed,
+        beta=args.beta,
+        draws=args.draws,
+        device=device,
+    )
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:

@@ -42,7 +42,10 @@ class MetricWindow:
         timing = torch.tensor([self.seconds, self.wait], device=accelerator.device, dtype=torch.float64)
         seconds, wait = accelerator.reduce(timing, "mean").tolist()  # mean over ranks
         out = {k: float(v) for k, v in zip(names, means.tolist(), strict=True)}
-        out.update(grad_norm=self.grad_norm, pairs_per_s=self.pairs / seconds if seconds > 0 else 0.0,
-                   data_wait_fraction=wait / seconds if seconds > 0 else 0.0)
+        out.update(
+            grad_norm=self.grad_norm,
+            pairs_per_s=self.pairs / seconds if seconds > 0 else 0.0,
+            data_wait_fraction=wait / seconds if seconds > 0 else 0.0,
+        )
         self._reset()
         return out

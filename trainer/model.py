@@ -18,7 +18,9 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-_NOISE_DOMAIN = 0x4E4F495345  # keeps training-noise seeds apart from the data stream's (seed, slot, batch) seeds
+_NOISE_DOMAIN = (
+    0x4E4F495345  # keeps training-noise seeds apart from the data stream's (seed, slot, batch) seeds
+)
 
 
 @dataclass
@@ -32,18 +34,34 @@ class Models:
         return bool(getattr(self.policy, "_hf_peft_config_loaded", False))
 
 
-def load_models(model: str, *, lora_rank: int = 0, lora_alpha: float | None = None, need_reference: bool = True,
-                unet_dir: str | None = None, gradient_checkpointing: bool = False,
-                reference_dtype: torch.dtype = torch.float32) -> Models:
+def load_models(
+    model: str,
+    *,
+    lora_rank: int = 0,
+    lora_alpha: float | None = None,
+    need_reference: bool = True,
+    unet_dir: str | None = None,
+    gradient_checkpointing: bool = False,
+    reference_dtype: torch.dtype = torch.float32,
+) -> Models:
     """Load `model`'s unet/ and scheduler/ (or the UNet from `unet_dir`), add LoRA when lora_rank > 0."""
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-    policy = (UNet2DConditionModel.from_pretrained(unet_dir) if unet_dir
-              else UNet2DConditionModel.from_pretrained(model, subfolder="unet"))
+    policy = (
+        UNet2DConditionModel.from_pretrained(unet_dir)
+        if unet_dir
+        else UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    )
     reference = None
     if lora_rank > 0:
         policy.requires_grad_(False)
-        policy.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights="gaussian",
-                                      target_modules=LORA_TARGETS))
+        policy.add_adapter(
+            LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_alpha or lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=LORA_TARGETS,
+            )
+        )
     elif need_reference:
         reference = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=reference_dtype)
         reference.requires_grad_(False).eval()
@@ -55,13 +73,16 @@ def load_models(model: str, *, lora_rank: int = 0, lora_alpha: float | None = No
 
 def seed_of(*parts: int | str) -> int:
     """A 64-bit seed from ints and strings (strings hashed), so counter-based draws never collide."""
-    ints = [p if isinstance(p, int) else int.from_bytes(hashlib.sha1(p.encode()).digest()[:8], "little")
-            for p in parts]
+    ints = [
+        p if isinstance(p, int) else int.from_bytes(hashlib.sha1(p.encode()).digest()[:8], "little")
+        for p in parts
+    ]
     return int(np.random.SeedSequence(ints).generate_state(1, np.uint64)[0])
 
 
-def draw_noise(batch: dict, num_train_timesteps: int, *, seed: int, rank: int, micro_step: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_noise(
+    batch: dict, num_train_timesteps: int, *, seed: int, rank: int, micro_step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Training noise and timesteps for one micro-batch: a pure function of (seed, rank, micro_step), so a resumed
     run draws exactly what the uninterrupted run drew and no RNG state has to be checkpointed."""
     g = torch.Generator().manual_seed(seed_of(_NOISE_DOMAIN, seed, rank, micro_step))
@@ -71,8 +92,9 @@ def draw_noise(batch: dict, num_train_timesteps: int, *, seed: int, rank: int, m
     return noise, timesteps
 
 
-def draw_eval_noise(batch: dict, num_train_timesteps: int, *, seed: int, draw: int = 0
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_eval_noise(
+    batch: dict, num_train_timesteps: int, *, seed: int, draw: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluation noise and timestep per pair, seeded by (seed, pair key, draw): independent of batch size and
     order, so every run scores the same pairs with the same draws."""
     shape = batch["w_latents"].shape[1:]
@@ -84,8 +106,9 @@ def draw_eval_noise(batch: dict, num_train_timesteps: int, *, seed: int, draw: i
     return torch.stack(noises), torch.cat(timesteps)
 
 
-def pair_errors(unet: torch.nn.Module, scheduler: DDPMScheduler, batch: dict, noise: torch.Tensor,
-                timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_errors(
+    unet: torch.nn.Module, scheduler: DDPMScheduler, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(e_w, e_l), each [B] fp32: one forward over [winners; losers] with the pair's shared noise and timestep."""
     latents = torch.cat([batch["w_latents"], batch["l_latents"]])
     noise2 = torch.cat([noise, noise]).to(latents)
@@ -97,16 +120,24 @@ def pair_errors(unet: torch.nn.Module, scheduler: DDPMScheduler, batch: dict, no
     elif prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise2, t2)
     else:
-        raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
+        raise ValueError(
+            f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)"
+        )
     dtype = next(unet.parameters()).dtype
     prompt = batch["prompt_embeds"]
     added = None
     if "pooled_prompt_embeds" in batch:  # SDXL: pooled text + the per-image stored time ids
         pooled = batch["pooled_prompt_embeds"]
-        added = {"text_embeds": torch.cat([pooled, pooled]).to(dtype),
-                 "time_ids": torch.cat([batch["w_time_ids"], batch["l_time_ids"]]).to(dtype)}
-    pred = unet(noisy.to(dtype), t2, encoder_hidden_states=torch.cat([prompt, prompt]).to(dtype),
-                added_cond_kwargs=added).sample
+        added = {
+            "text_embeds": torch.cat([pooled, pooled]).to(dtype),
+            "time_ids": torch.cat([batch["w_time_ids"], batch["l_time_ids"]]).to(dtype),
+        }
+    pred = unet(
+        noisy.to(dtype),
+        t2,
+        encoder_hidden_states=torch.cat([prompt, prompt]).to(dtype),
+        added_cond_kwargs=added,
+    ).sample
     err = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
     return err.chunk(2)
 
@@ -122,8 +153,9 @@ def adapters_disabled(unet: UNet2DConditionModel) -> Iterator[None]:
 
 
 @torch.no_grad()
-def reference_errors(models: Models, policy: UNet2DConditionModel, batch: dict, noise: torch.Tensor,
-                     timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_errors(
+    models: Models, policy: UNet2DConditionModel, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen reference's (e_w, e_l); `policy` is the unwrapped policy (adapters toggled on it for LoRA).
 
     no_grad rather than inference_mode: these tensors enter a loss that saves tensors for backward.
@@ -136,4 +168,6 @@ def reference_errors(models: Models, policy: UNet2DConditionModel, batch: dict, 
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }

@@ -21,18 +21,32 @@ def effective_lr(cfg: TrainConfig, num_processes: int) -> float:
     return cfg.learning_rate * cfg.batch_size * cfg.gradient_accumulation_steps * num_processes
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: TrainConfig, lr: float
+) -> torch.optim.Optimizer:
     params = list(params)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                 weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        return torch.optim.AdamW(
+            params,
+            lr=lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay,
+            eps=cfg.adam_epsilon,
+        )
     if cfg.optimizer == "adafactor":  # the official SDXL choice: fixed lr, update clipping at 1.0
-        return Adafactor(params, lr=lr, weight_decay=cfg.adam_weight_decay, clip_threshold=1.0,
-                         scale_parameter=False, relative_step=False)
+        return Adafactor(
+            params,
+            lr=lr,
+            weight_decay=cfg.adam_weight_decay,
+            clip_threshold=1.0,
+            scale_parameter=False,
+            relative_step=False,
+        )
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> LambdaLR:
     """Stepped once per optimizer step by the loop (never by accelerate), so warmup counts optimizer steps."""
-    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                         num_training_steps=cfg.max_steps)
+    return get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
+    )

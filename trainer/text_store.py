@@ -65,15 +65,19 @@ class TextEmbeddingStore:
         try:
             i, offset, size = self.index[caption_key]
         except KeyError:
-            raise KeyError(f"caption key {caption_key!r} not in the text embeddings of {self.data_dir}") from None
+            raise KeyError(
+                f"caption key {caption_key!r} not in the text embeddings of {self.data_dir}"
+            ) from None
         where = f"{self.paths[i]}:{caption_key}"
         data = os.pread(self._fd(i), size, offset)
         if len(data) != size:
             raise ValueError(f"{where}: truncated member ({len(data)} of {size} bytes)")
         tensors = decode_tensors(data, self.required, where)
         if tuple(tensors["prompt_embeds"].shape) != self.embed_shape:
-            raise ValueError(f"{where}: prompt_embeds shape {list(tensors['prompt_embeds'].shape)}, "
-                             f"manifest says {list(self.embed_shape)}")
+            raise ValueError(
+                f"{where}: prompt_embeds shape {list(tensors['prompt_embeds'].shape)}, "
+                f"manifest says {list(self.embed_shape)}"
+            )
         return {name: tensors[name] for name in self.required}
 
     def empty(self) -> dict[str, torch.Tensor]:

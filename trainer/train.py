@@ -67,9 +67,17 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def make_stream(cfg: TrainConfig, rank: int, world_size: int, start_batch: int) -> LatentPairStream:
-    return LatentPairStream(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
-                            num_workers=cfg.num_workers, start_batch=start_batch, caption_dropout=cfg.caption_dropout,
-                            shards_in_flight=cfg.shards_in_flight)
+    return LatentPairStream(
+        cfg.data,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=cfg.num_workers,
+        start_batch=start_batch,
+        caption_dropout=cfg.caption_dropout,
+        shards_in_flight=cfg.shards_in_flight,
+    )
 
 
 def run_data_only(cfg: TrainConfig) -> int:
@@ -82,24 +90,44 @@ def run_data_only(cfg: TrainConfig) -> int:
     first_batch_s = time.perf_counter() - start
     steady_start = time.perf_counter()
     steady_pairs = 0
-    for _, batch in zip(range(cfg.max_steps - 1), tqdm(batches, total=cfg.max_steps - 1,
-                                                       disable=not state.is_main_process,
-                                                       mininterval=PROGRESS_INTERVAL_S), strict=False):
+    for _, batch in zip(
+        range(cfg.max_steps - 1),
+        tqdm(
+            batches,
+            total=cfg.max_steps - 1,
+            disable=not state.is_main_process,
+            mininterval=PROGRESS_INTERVAL_S,
+        ),
+        strict=False,
+    ):
         steady_pairs += len(batch["keys"])
     steady_s = time.perf_counter() - steady_start
     pairs += steady_pairs
     rate = steady_pairs / steady_s if steady_pairs else pairs / first_batch_s
-    result = {"data_only": True, "rank": state.process_index, "batches": cfg.max_steps, "pairs": pairs,
-              "first_batch_s": round(first_batch_s, 3), "seconds": round(first_batch_s + steady_s, 3),
-              "pairs_per_s": round(rate, 2)}
-    print(f"data only: {pairs} pairs in {first_batch_s + steady_s:.2f}s; first batch after {first_batch_s:.2f}s, "
-          f"then {rate:.1f} pairs/s", file=sys.stderr)
+    result = {
+        "data_only": True,
+        "rank": state.process_index,
+        "batches": cfg.max_steps,
+        "pairs": pairs,
+        "first_batch_s": round(first_batch_s, 3),
+        "seconds": round(first_batch_s + steady_s, 3),
+        "pairs_per_s": round(rate, 2),
+    }
+    print(
+        f"data only: {pairs} pairs in {first_batch_s + steady_s:.2f}s; first batch after {first_batch_s:.2f}s, "
+        f"then {rate:.1f} pairs/s",
+        file=sys.stderr,
+    )
     print(json.dumps(result))
     return 0
 
 
-def objective(cfg: TrainConfig, pol: tuple[torch.Tensor, torch.Tensor],
-              ref: tuple[torch.Tensor, torch.Tensor] | None, label: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def objective(
+    cfg: TrainConfig,
+    pol: tuple[torch.Tensor, torch.Tensor],
+    ref: tuple[torch.Tensor, torch.Tensor] | None,
+    label: torch.Tensor,
+) -> tuple[torch.Tensor, dict]:
     """The loss and its per-micro-step metrics (batch means, detached)."""
     stats = {"policy_err_w": pol[0].mean(), "policy_err_l": pol[1].mean()}
     if cfg.loss == "sft":
@@ -108,8 +136,12 @@ def objective(cfg: TrainConfig, pol: tuple[torch.Tensor, torch.Tensor],
         return diffusion_loss(*pol), stats
     assert ref is not None
     h = dpo_logits(*pol, *ref, cfg.beta)
-    stats.update(ref_err_w=ref[0].mean(), ref_err_l=ref[1].mean(), implicit_accuracy=implicit_accuracy(h).mean(),
-                 reward_margin=reward_margin(*pol, *ref).mean())
+    stats.update(
+        ref_err_w=ref[0].mean(),
+        ref_err_l=ref[1].mean(),
+        implicit_accuracy=implicit_accuracy(h).mean(),
+        reward_margin=reward_margin(*pol, *ref).mean(),
+    )
     return diffusion_dpo_loss(*pol, *ref, cfg.beta, label=label), stats
 
 
@@ -119,10 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.data_only:
         return run_data_only(cfg)
 
-    accelerator = Accelerator(cpu=_NO_GPU, mixed_precision=cfg.mixed_precision,
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              log_with=None if cfg.report_to == "none" else cfg.report_to,
-                              project_dir=cfg.output_dir, step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(
+        cpu=_NO_GPU,
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=cfg.output_dir,
+        step_scheduler_with_optimizer=False,
+    )
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
     torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
@@ -130,9 +166,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- models, optimizer, schedule (LoRA init draws from the global RNG, so seed it identically everywhere)
     torch.manual_seed(cfg.seed)
-    models = load_models(cfg.model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                         need_reference=cfg.loss == "dpo", gradient_checkpointing=cfg.gradient_checkpointing,
-                         reference_dtype=_DTYPES[cfg.mixed_precision])
+    models = load_models(
+        cfg.model,
+        lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        need_reference=cfg.loss == "dpo",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        reference_dtype=_DTYPES[cfg.mixed_precision],
+    )
     if models.reference is not None:
         models.reference.to(accelerator.device)
     lr = effective_lr(cfg, world)
@@ -151,36 +192,67 @@ def main(argv: list[str] | None = None) -> int:
         global_step, skipped_steps = state["global_step"], state["skipped_steps"]
         batches_consumed = state["batches_consumed"]
         accelerator.print(f"resumed from {resume_from} at step {global_step}")
-    batches = iter(make_loader(make_stream(cfg, rank, world, batches_consumed),
-                               pin_memory=accelerator.device.type == "cuda"))
+    batches = iter(
+        make_loader(
+            make_stream(cfg, rank, world, batches_consumed), pin_memory=accelerator.device.type == "cuda"
+        )
+    )
     if cfg.fixed_batch:  # the step without the input pipeline, for the data-path overhead benchmark
         batches = itertools.repeat(to_device(next(batches), accelerator.device))
 
     if cfg.report_to != "none":
-        accelerator.init_trackers("train", config={k: v for k, v in asdict(cfg).items()
-                                                   if isinstance(v, int | float | str | bool)})
+        accelerator.init_trackers(
+            "train", config={k: v for k, v in asdict(cfg).items() if isinstance(v, int | float | str | bool)}
+        )
 
     def run_eval() -> dict[str, float]:
         result = {}
         if accelerator.is_main_process:
-            result = evaluate(models, policy, cfg.val_data, batch_size=cfg.batch_size,
-                              max_pairs=cfg.eval_max_pairs, seed=cfg.seed, beta=cfg.beta, draws=cfg.eval_draws,
-                              device=accelerator.device, autocast=accelerator.autocast)
+            result = evaluate(
+                models,
+                policy,
+                cfg.val_data,
+                batch_size=cfg.batch_size,
+                max_pairs=cfg.eval_max_pairs,
+                seed=cfg.seed,
+                beta=cfg.beta,
+                draws=cfg.eval_draws,
+                device=accelerator.device,
+                autocast=accelerator.autocast,
+            )
             accelerator.log({f"eval/{k}": v for k, v in result.items()}, step=global_step)
             accelerator.print("eval " + json.dumps({k: round(v, 6) for k, v in result.items()}))
         accelerator.wait_for_everyone()
         return result
 
     def checkpoint() -> None:
-        save_checkpoint(accelerator, cfg.output_dir, global_step, policy, optimizer, lr_scheduler,
-                        {**topology, "skipped_steps": skipped_steps, "batches_consumed": batches_consumed,
-                         "seed": cfg.seed, "config": asdict(cfg)}, cfg.checkpoints_total_limit)
+        save_checkpoint(
+            accelerator,
+            cfg.output_dir,
+            global_step,
+            policy,
+            optimizer,
+            lr_scheduler,
+            {
+                **topology,
+                "skipped_steps": skipped_steps,
+                "batches_consumed": batches_consumed,
+                "seed": cfg.seed,
+                "config": asdict(cfg),
+            },
+            cfg.checkpoints_total_limit,
+        )
 
     # --- the loop: one optimizer step = gradient_accumulation_steps micro-batches per process
     num_t = models.scheduler.config.num_train_timesteps
     window = MetricWindow()
-    progress = tqdm(total=cfg.max_steps, initial=global_step, disable=not accelerator.is_main_process,
-                    desc=cfg.loss, mininterval=PROGRESS_INTERVAL_S)
+    progress = tqdm(
+        total=cfg.max_steps,
+        initial=global_step,
+        disable=not accelerator.is_main_process,
+        desc=cfg.loss,
+        mininterval=PROGRESS_INTERVAL_S,
+    )
     run_start = time.perf_counter()
     steps_this_run = 0
     eval_result: dict[str, float] = {}
@@ -197,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
             noise, timesteps = noise.to(accelerator.device), timesteps.to(accelerator.device)
             with accelerator.accumulate(unet):
                 with accelerator.autocast():
-                    ref = (reference_errors(models, policy, batch, noise, timesteps) if cfg.loss == "dpo"
-                           else None)
+                    ref = (
+                        reference_errors(models, policy, batch, noise, timesteps)
+                        if cfg.loss == "dpo"
+                        else None
+                    )
                     pol = pair_errors(unet, models.scheduler, batch, noise, timesteps)
                 loss, stats = objective(cfg, pol, ref, batch["label"])
                 finite &= bool(torch.isfinite(loss))
@@ -208,32 +283,41 @@ def main(argv: list[str] | None = None) -> int:
                     grad_norm = accelerator.clip_grad_norm_(unet.parameters(), max_norm)
                     finite &= bool(torch.isfinite(grad_norm))
                     # every rank must agree, or the replicas would diverge
-                    bad = accelerator.reduce(torch.tensor(float(not finite), device=accelerator.device), "sum")
+                    bad = accelerator.reduce(
+                        torch.tensor(float(not finite), device=accelerator.device), "sum"
+                    )
                     if bad.item() == 0:
                         optimizer.step()
                     else:
                         skipped_steps += 1
-                        if accelerator.scaler is not None:  # fp16: lower the loss scale, as a scaler skip would
+                        if (
+                            accelerator.scaler is not None
+                        ):  # fp16: lower the loss scale, as a scaler skip would
                             accelerator.scaler.update()
                     optimizer.zero_grad(set_to_none=True)
                     lr_scheduler.step()
             window.add(loss=loss, **stats)
         global_step += 1
         steps_this_run += 1
-        window.add_step(time.perf_counter() - step_start, pairs=cfg.batch_size * cfg.gradient_accumulation_steps * world,
-                        grad_norm=float(grad_norm))
+        window.add_step(
+            time.perf_counter() - step_start,
+            pairs=cfg.batch_size * cfg.gradient_accumulation_steps * world,
+            grad_norm=float(grad_norm),
+        )
         progress.update(1)
 
         if global_step % cfg.log_every == 0 or global_step == cfg.max_steps:
             logs = window.summary(accelerator)
             logs.update(lr=lr_scheduler.get_last_lr()[0], skipped_steps=skipped_steps)
             accelerator.log(logs, step=global_step)
-            progress.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "implicit_accuracy", "pairs_per_s")
-                                  if k in logs})
+            progress.set_postfix(
+                {k: f"{logs[k]:.4g}" for k in ("loss", "implicit_accuracy", "pairs_per_s") if k in logs}
+            )
         if cfg.checkpoint_every and (global_step % cfg.checkpoint_every == 0 or global_step == cfg.max_steps):
             checkpoint()
-        if cfg.val_data and ((cfg.eval_every and global_step % cfg.eval_every == 0)
-                             or global_step == cfg.max_steps):
+        if cfg.val_data and (
+            (cfg.eval_every and global_step % cfg.eval_every == 0) or global_step == cfg.max_steps
+        ):
             eval_result = run_eval()
     progress.close()
 
@@ -246,9 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     del unet  # the DDP wrapper owns the reducer that holds the group
     accelerator.end_training()  # stops the trackers and destroys the process group
     pairs = steps_this_run * cfg.batch_size * cfg.gradient_accumulation_steps * world
-    summary = {"global_step": global_step, "skipped_steps": skipped_steps, "steps_this_run": steps_this_run,
-               "seconds": round(seconds, 3), "pairs_per_s": round(pairs / seconds, 2) if seconds > 0 else None,
-               "final": f"{cfg.output_dir}/final", **{f"eval_{k}": v for k, v in eval_result.items()}}
+    summary = {
+        "global_step": global_step,
+        "skipped_steps": skipped_steps,
+        "steps_this_run": steps_this_run,
+        "seconds": round(seconds, 3),
+        "pairs_per_s": round(pairs / seconds, 2) if seconds > 0 else None,
+        "final": f"{cfg.output_dir}/final",
+        **{f"eval_{k}": v for k, v in eval_result.items()},
+    }
     if accelerator.device.type == "cuda":
         summary["max_memory_gib"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 2)
     accelerator.print(json.dumps(summary))
