@@ -22,7 +22,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from trainer.data import iter_eval_batches
-from trainer.losses import diffusion_dpo_loss, dpo_logits, implicit_accuracy, reward_margin
+from trainer.losses import dpo_logits, dpo_loss, implicit_accuracy, reward_margin
 from trainer.model import Models, draw_eval_noise, load_models, pair_errors, reference_errors, to_device
 
 METRICS = (
@@ -78,8 +78,8 @@ def evaluate(
             per_pair = {
                 "implicit_accuracy": implicit_accuracy(h),
                 "reward_margin": reward_margin(pol_w, pol_l, ref_w, ref_l),
-                "dpo_loss": diffusion_dpo_loss(
-                    pol_w, pol_l, ref_w, ref_l, beta, reduction="none", label=batch["label"]
+                "dpo_loss": dpo_loss(
+                    pol_w, pol_l, ref_w, ref_l, beta=beta, reduction="none", label=batch["label"]
                 ),
                 "policy_err_w": pol_w,
                 "policy_err_l": pol_l,

@@ -29,10 +29,9 @@ from trainer.checkpoint import check_topology, export_final, load_checkpoint, re
 from trainer.data import LatentPairStream, make_loader
 from trainer.evaluate import evaluate
 from trainer.losses import (
-    LOSSES,
-    diffusion_dpo_loss,
     diffusion_loss,
     dpo_logits,
+    dpo_loss,
     implicit_accuracy,
     reward_margin,
     sft_loss,
@@ -54,8 +53,8 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append("--data is required")
     if not cfg.model and not cfg.data_only:
         problems.append("--model is required")
-    if cfg.loss not in LOSSES:
-        problems.append(f"--loss must be one of {LOSSES}, got {cfg.loss!r}")
+    if cfg.loss not in ("dpo", "sft", "diffusion"):
+        problems.append(f"--loss must be one of ('dpo', 'sft', 'diffusion'), got {cfg.loss!r}")
     if cfg.mixed_precision not in _DTYPES:
         problems.append(f"--mixed-precision must be one of {tuple(_DTYPES)}, got {cfg.mixed_precision!r}")
     if min(cfg.max_steps, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.log_every) < 1:
@@ -142,7 +141,7 @@ def objective(
         implicit_accuracy=implicit_accuracy(h).mean(),
         reward_margin=reward_margin(*pol, *ref).mean(),
     )
-    return diffusion_dpo_loss(*pol, *ref, cfg.beta, label=label), stats
+    return dpo_loss(*pol, *ref, beta=cfg.beta, label=label), stats
 
 
 def main(argv: list[str] | None = None) -> int:
