@@ -32,10 +32,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[dev]"
 	touch $@
 
-# Synthetic Pick-a-Pic-shaped parquet (train + validation), see stages/synthetic.py for the preference rule.
+# Synthetic Pick-a-Pic-shaped parquet (train + validation), see embedded/synthetic.py for the preference rule.
 data: data/synthetic/.done
-data/synthetic/.done: $(STAMP) stages/synthetic.py
-	$(PY) -m stages.synthetic --out data/synthetic --seed 0 --rows $(DEMO_ROWS) --val-rows $(DEMO_VAL_ROWS) \
+data/synthetic/.done: $(STAMP) embedded/synthetic.py
+	$(PY) -m embedded.synthetic --out data/synthetic --seed 0 --rows $(DEMO_ROWS) --val-rows $(DEMO_VAL_ROWS) \
 	  --rows-per-file 500
 	touch $@
 
@@ -44,8 +44,8 @@ data/synthetic/.done: $(STAMP) stages/synthetic.py
 # model does. models/tiny-X = the init folder with the pretrained UNet, published by rename; reruns start again
 # from the same random init, so the result depends only on the seeds and configs.
 models: models/tiny-sd15/.pretrained models/tiny-sdxl/.pretrained
-models/.init/%/.built: $(STAMP) stages/tiny_models.py
-	$(PY) -m stages.tiny_models --out models/.init --family $(subst tiny-,,$*)
+models/.init/%/.built: $(STAMP) embedded/tiny_models.py
+	$(PY) -m embedded.tiny_models --out models/.init --family $(subst tiny-,,$*)
 	touch $@
 data/encoded/%/train/manifest.json: models/.init/%/.built data/synthetic/.done
 	$(PY) -m stages.encode --src data/synthetic/train --out data/encoded/$*/train --model models/.init/$* \

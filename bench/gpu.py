@@ -35,9 +35,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from bench.report import machine, table
+from embedded.latent_dataset import write_latent_dataset
+from embedded.tiny_models import build_tiny_model
 from stages.encode_latents import LatentEncoder
 from stages.encode_text import CaptionEncoder
-from stages.tiny_models import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,7 +175,6 @@ def make_setup(family: str, work: Path, tiny: bool, device: torch.device) -> Set
 
 
 def latent_data(setup: Setup, work: Path) -> Path:
-    from tests.fixtures.latents import write_latent_dataset  # dev-only helper shared with the tests
 
     out = work / f"latents-{setup.family}-{setup.resolution}"
     if not (out / "manifest.json").exists():

@@ -18,8 +18,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
+from embedded.synthetic import COLOURS, OBJECTS, render_image
 from stages.decode_images import crop_geometry, decode_image
-from stages.synthetic import COLOURS, OBJECTS, render_image
 
 
 def _turbojpeg_decoder() -> Callable[[bytes, int], np.ndarray] | None:

@@ -25,6 +25,7 @@ import torch
 
 from bench import jpeg_decode
 from bench.report import machine, table
+from embedded.latent_dataset import write_latent_dataset
 from schemas.manifest import Manifest
 from schemas.sample import latent_tensor_names
 from stages.decode_images import decode_image
@@ -57,7 +58,6 @@ def run_cli(args: list[str], env: dict[str, str] | None = None) -> dict:
 
 def sd15_stream_dataset(work: Path, num_pairs: int) -> Path:
     """A contract-conformant encode output at SD1.5 latent size (4×64×64 moments + flips), without a VAE."""
-    from tests.fixtures.latents import write_latent_dataset  # dev-only helper shared with the tests
 
     out = work / f"sd15-latents-{num_pairs}"
     if not (out / "manifest.json").exists():
@@ -216,7 +216,7 @@ def bench_encode(work: Path, rows: int) -> tuple[str, Path]:
             [
                 sys.executable,
                 "-m",
-                "stages.synthetic",
+                "embedded.synthetic",
                 "--out",
                 str(src),
                 "--seed",

@@ -9,5 +9,5 @@ os.environ.setdefault("WDS_SECURE", "1")
 pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.ray_cluster",
-    "tests.fixtures.latents",
+    "tests.fixtures.latent_datasets",
 ]

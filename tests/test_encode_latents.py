@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from embedded.synthetic import OBJECTS, render_image
 from stages.encode_latents import LatentEncoder, flip_equivariance_gap
-from stages.synthetic import OBJECTS, render_image
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from stages.synthetic import COLOURS, main, write_synthetic_dataset
+from embedded.synthetic import COLOURS, main, write_synthetic_dataset
 
 # Pick-a-Pic v2 dataset card (peers.md §1.1), in the card's column order.
 PICKAPIC_V2_COLUMNS = {

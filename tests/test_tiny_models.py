@@ -20,8 +20,8 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from stages.synthetic import vocabulary
-from stages.tiny_models import build_tiny_model, main
+from embedded.synthetic import vocabulary
+from embedded.tiny_models import build_tiny_model, main
 
 torch.set_num_threads(2)
 

@@ -12,10 +12,10 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2D
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from embedded.latent_dataset import write_latent_dataset, write_tar
 from schemas.atomic import read_json
 from schemas.manifest import Manifest
 from schemas.sample import decode_tensors, encode_tensors, latent_tensor_names
-from tests.fixtures.latents import write_latent_dataset, write_tar
 from trainer import demo, train
 from trainer.data import read_pair_shard
 from trainer.evaluate import evaluate, load_for_eval

@@ -17,7 +17,7 @@ consecutive rows. Captions come from a small pool, so they also recur across ses
 mixed (square and non-square), so the two images of a row often differ in size. The preferred image sits at either
 position. Everything derives from the seed (no clock), so one seed gives byte-identical parquet files.
 
-CLI: python -m stages.synthetic --out DIR --seed N --rows N [--val-rows N] [--rows-per-file N]
+CLI: python -m embedded.synthetic --out DIR --seed N --rows N [--val-rows N] [--rows-per-file N]
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ The tokenizer is a genuine CLIP byte-level BPE (vocab.json + merges.txt written 
 `</w>` forms, the two specials, plus one whole-word token per word of the synthetic captions (built with merge
 chains), so synthetic captions tokenize to words and any other text still tokenizes, to characters.
 
-CLI: python -m stages.tiny_models --out models [--family sd15|sdxl|all] [--seed 0]
+CLI: python -m embedded.tiny_models --out models [--family sd15|sdxl|all] [--seed 0]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from stages.synthetic import COLOURS, OBJECTS, render_image, vocabulary
+from embedded.synthetic import COLOURS, OBJECTS, render_image, vocabulary
 
 FAMILIES = ("sd15", "sdxl")
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
