@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
 
+from schemas.atomic import atomic_write_json, process_umask
 from schemas.config import TrainConfig
 from trainer.checkpoint import (
     check_topology,
@@ -97,3 +99,18 @@ def test_topology_mismatch_is_refused(tmp_path: Path) -> None:
     check_topology(tmp_path, saved, dict(saved))
     with pytest.raises(SystemExit, match=r"world_size: checkpoint 2, now 1"):
         check_topology(tmp_path, saved, {**saved, "world_size": 1})
+
+
+def test_files_follow_the_umask(tmp_path: Path) -> None:
+    """safetensors writes 0600; published checkpoints must be readable by the group the umask allows."""
+    accelerator = Accelerator()
+    model, opt, sched = _setup("adamw")
+    old = os.umask(0o002)
+    try:
+        assert process_umask() == 0o002
+        path = save_checkpoint(accelerator, tmp_path, 1, model, opt, sched, {}, total_limit=0)
+        atomic_write_json(tmp_path / "x.json", {})
+    finally:
+        os.umask(old)
+    files = [*path.iterdir(), tmp_path / "x.json"]
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o664" for f in files}

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from embedded.latent_dataset import write_latent_dataset, write_tar
-from schemas.atomic import read_json
+from schemas.atomic import process_umask, read_json
 from schemas.manifest import Manifest
 from schemas.sample import decode_tensors, encode_tensors, latent_tensor_names
 from trainer import demo, train
@@ -83,6 +83,8 @@ def test_trains_and_exports(family: str, lora: bool, request: pytest.FixtureRequ
     ]
     saved = load_file(ckpt / "model.safetensors")
     assert all("lora" in k for k in saved) if lora else len(saved) == len(base)
+    written = [p for d in ("checkpoints", "final") for p in (tmp_path / d).rglob("*") if p.is_file()]
+    assert {p.stat().st_mode & 0o777 for p in written} == {0o666 & ~process_umask()}  # weights too, not 0600
     if lora:  # the adapter loads into a diffusers pipeline, and fused it equals the exported merged UNet
         pipeline = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
         pipe = pipeline.from_pretrained(model)
