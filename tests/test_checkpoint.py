@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from schemas.atomic import atomic_write_json, process_umask
 from schemas.config import TrainConfig
 from trainer.checkpoint import (
+    TrainState,
     check_topology,
     list_checkpoints,
     load_checkpoint,
@@ -45,9 +46,9 @@ def test_round_trip_continues_identically(tmp_path: Path, optimizer: str) -> Non
     model, opt, sched = _setup(optimizer)
     for i in range(3):
         _step(model, opt, sched, i)
-    path = save_checkpoint(
-        accelerator, tmp_path, 3, model, opt, sched, {"batches_consumed": 3}, total_limit=2
-    )
+    saved = TrainState(global_step=3, micro_step=6, skipped_steps=1)
+    topology = {"world_size": 1, "batch_size": 5, "num_workers": 0}
+    path = save_checkpoint(accelerator, tmp_path, saved, model, opt, sched, topology, total_limit=2)
     assert sorted(p.name for p in path.iterdir()) == [
         "model.safetensors",
         "optimizer.json",
@@ -59,8 +60,9 @@ def test_round_trip_continues_identically(tmp_path: Path, optimizer: str) -> Non
 
     fresh, opt2, sched2 = _setup(optimizer, seed=1)
     fresh[0].bias.data.copy_(model[0].bias)  # frozen weights come from the base model, not the checkpoint
-    state = load_checkpoint(path, accelerator, fresh, opt2, sched2)
-    assert state["global_step"] == 3 and state["batches_consumed"] == 3
+    with pytest.raises(SystemExit, match="batch_size: checkpoint 5, now 4"):
+        load_checkpoint(path, accelerator, fresh, opt2, sched2, {**topology, "batch_size": 4})
+    assert load_checkpoint(path, accelerator, fresh, opt2, sched2, topology) == saved
     assert sched2.get_last_lr() == pytest.approx([1e-2])  # warmup of 3 steps done
     for i in range(3, 6):
         _step(fresh, opt2, sched2, i)
@@ -73,7 +75,9 @@ def test_latest_ignores_tmp_and_prunes(tmp_path: Path) -> None:
     model, opt, sched = _setup("adamw")
     _step(model, opt, sched, 0)
     for step in (1, 2, 3):
-        save_checkpoint(accelerator, tmp_path, step, model, opt, sched, {}, total_limit=2)
+        save_checkpoint(
+            accelerator, tmp_path, TrainState(global_step=step), model, opt, sched, {}, total_limit=2
+        )
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
     torn = tmp_path / "checkpoints" / "step_00000009.tmp"  # a save killed half-way
     torn.mkdir()
@@ -87,7 +91,9 @@ def test_latest_ignores_tmp_and_prunes(tmp_path: Path) -> None:
 def test_wrong_weights_are_refused(tmp_path: Path) -> None:
     accelerator = Accelerator()
     model, opt, sched = _setup("adamw")
-    path = save_checkpoint(accelerator, tmp_path, 1, model, opt, sched, {}, total_limit=0)
+    path = save_checkpoint(
+        accelerator, tmp_path, TrainState(global_step=1), model, opt, sched, {}, total_limit=0
+    )
     other = torch.nn.Sequential(torch.nn.Linear(4, 8))
     opt2 = build_optimizer(other.parameters(), TrainConfig(), lr=1e-2)
     with pytest.raises(SystemExit, match="does not match the model"):

@@ -140,7 +140,7 @@ def test_resume_latest_is_bit_identical(tiny_sd15: Path, latent_sd15: Path, tmp_
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
     state = read_json(tmp_path / "split" / "checkpoints" / "step_00000004" / "state.json")
-    assert state["batches_consumed"] == 8 and state["global_step"] == 4 and state["skipped_steps"] == 0
+    assert state["micro_step"] == 8 and state["global_step"] == 4 and state["skipped_steps"] == 0
     assert state["lr_scheduler"]["last_epoch"] == 4
     with pytest.raises(SystemExit, match="batch_size: checkpoint 2, now 4"):
         run_train(

@@ -119,7 +119,7 @@ def test_torchrun_two_cpu_processes(tiny_sd15: Path, latent_sd15: Path, tmp_path
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _run(torchrun + _args(latent_sd15, tiny_sd15, full, "--checkpoints-total-limit", "0", "--max-steps", "4"))
     state = read_json(full / "checkpoints" / "step_00000002" / "state.json")
-    assert state["world_size"] == 2 and state["batches_consumed"] == 2
+    assert state["world_size"] == 2 and state["micro_step"] == 2
     _run(
         torchrun
         + _args(

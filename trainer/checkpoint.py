@@ -4,7 +4,7 @@
   model.safetensors      the trainable parameters by name (the whole UNet, or only the LoRA weights)
   optimizer.safetensors  optimizer tensors keyed `state.{param_idx}.{name}`
   optimizer.json         the optimizer's non-tensor state and param_groups
-  state.json             step, skipped steps, data position, lr schedule, topology, seed, config
+  state.json             the TrainState counters, lr schedule, grad scaler, topology, seed, config
 All randomness in training is counter-based (seeded by seed, rank and step), so no RNG state is needed.
 
 A checkpoint is written as `step_n.tmp` by the main process, fsynced, and renamed once complete, so a crash while
@@ -14,12 +14,13 @@ saving leaves the previous checkpoint intact, and `latest` never picks a `.tmp`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from accelerate import Accelerator
@@ -36,6 +37,19 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 SAVE_DELAY_ENV = "TRAINER_TEST_SAVE_DELAY_S"
 # A resume must see the same data topology, or its data position would point at different batches.
 TOPOLOGY_KEYS = ("world_size", "batch_size", "num_workers")
+
+
+@dataclasses.dataclass
+class TrainState:
+    """The run's counters: what a checkpoint saves and a resume restores (all randomness derives from them)."""
+
+    global_step: int = 0  # optimizer steps taken, skipped ones included
+    micro_step: int = 0  # micro-batches this process consumed: its data position and its noise counter
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> Self:
+        return cls(**{f.name: int(saved[f.name]) for f in dataclasses.fields(cls)})
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -94,15 +108,16 @@ def _split_optimizer_state(
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: str | Path,
-    step: int,
+    state: TrainState,
     unet: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
-    state: dict[str, Any],
+    meta: dict[str, Any],
     total_limit: int,
 ) -> Path:
-    """Write checkpoint `step` atomically from the main process; every rank must call this (it synchronises)."""
-    final = checkpoint_dir(output_dir, step)
+    """Write checkpoint `state.global_step` atomically from the main process, with `meta` (topology, seed, config)
+    beside the counters in state.json; every rank must call this (it synchronises)."""
+    final = checkpoint_dir(output_dir, state.global_step)
     tmp = final.with_name(final.name + ".tmp")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -118,7 +133,8 @@ def save_checkpoint(
         sched.pop("lr_lambdas", None)  # closures; rebuilt from the config
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         atomic_write_json(
-            tmp / "state.json", {**state, "global_step": step, "lr_scheduler": sched, "grad_scaler": scaler}
+            tmp / "state.json",
+            {**meta, **dataclasses.asdict(state), "lr_scheduler": sched, "grad_scaler": scaler},
         )
         _fsync_tree(tmp)
     accelerator.wait_for_everyone()
@@ -150,9 +166,13 @@ def load_checkpoint(
     unet: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
-) -> dict[str, Any]:
-    """Restore weights, optimizer, lr schedule and grad scaler in place; returns state.json for the rest."""
+    topology: dict[str, Any] | None = None,
+) -> TrainState:
+    """Restore weights, optimizer, lr schedule and grad scaler in place, after refusing a different `topology`;
+    returns the counters."""
     state = read_json(path / "state.json")
+    if topology is not None:
+        check_topology(path, state, topology)
     weights = load_file(path / "model.safetensors")
     params = dict(unet.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
@@ -180,7 +200,7 @@ def load_checkpoint(
     lr_scheduler.load_state_dict(sched)
     if accelerator.scaler is not None and state.get("grad_scaler"):
         accelerator.scaler.load_state_dict(state["grad_scaler"])
-    return state
+    return TrainState.from_json(state)
 
 
 def export_final(

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from accelerate import Accelerator
 
+if TYPE_CHECKING:
+    from trainer.step import StepResult
+
 
 class MetricWindow:
-    """Sums per-micro-step metrics as tensors (no device sync per step) until `summary` reduces them."""
+    """Sums per-micro-batch metrics as device tensors, so a step adds no host sync; `summary` reads them once per
+    logging window."""
 
     def __init__(self) -> None:
         self._reset()
@@ -18,21 +24,18 @@ class MetricWindow:
         self.seconds = 0.0
         self.wait = 0.0
         self.pairs = 0
-        self.grad_norm = 0.0
+        self.grad_norm: torch.Tensor | None = None  # the last step's, read at summary time
 
-    def add(self, **values: torch.Tensor) -> None:
-        for k, v in values.items():
-            v = v.detach().float()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.count += 1
-
-    def add_wait(self, seconds: float) -> None:
-        self.wait += seconds
-
-    def add_step(self, seconds: float, *, pairs: int, grad_norm: float) -> None:
-        self.seconds += seconds
+    def add_step(self, result: StepResult, *, pairs: int) -> None:
+        for values in result.metrics:
+            for k, v in values.items():
+                v = v.detach().float()
+                self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.count += 1
+        self.seconds += result.seconds
+        self.wait += result.data_wait_s
         self.pairs += pairs
-        self.grad_norm = grad_norm
+        self.grad_norm = result.grad_norm
 
     def summary(self, accelerator: Accelerator) -> dict[str, float]:
         """Means over the window and over ranks (a collective: every rank must call it), then reset."""
@@ -43,7 +46,7 @@ class MetricWindow:
         seconds, wait = accelerator.reduce(timing, "mean").tolist()  # mean over ranks
         out = {k: float(v) for k, v in zip(names, means.tolist(), strict=True)}
         out.update(
-            grad_norm=self.grad_norm,
+            grad_norm=float(self.grad_norm) if self.grad_norm is not None else 0.0,
             pairs_per_s=self.pairs / seconds if seconds > 0 else 0.0,
             data_wait_fraction=wait / seconds if seconds > 0 else 0.0,
         )

@@ -13,32 +13,24 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import torch
 from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
-from schemas.atomic import read_json
 from schemas.config import TrainConfig, parse_config
 from schemas.manifest import Manifest
-from trainer.checkpoint import check_topology, export_final, load_checkpoint, resolve_resume, save_checkpoint
+from trainer.checkpoint import TrainState, export_final, load_checkpoint, resolve_resume, save_checkpoint
 from trainer.data import LatentPairStream, make_loader
 from trainer.evaluate import evaluate
-from trainer.losses import (
-    diffusion_loss,
-    dpo_logits,
-    dpo_loss,
-    implicit_accuracy,
-    reward_margin,
-    sft_loss,
-)
 from trainer.metrics import MetricWindow
-from trainer.model import draw_noise, load_models, pair_errors, reference_errors, to_device
+from trainer.model import load_models, to_device
 from trainer.optim import build_lr_scheduler, build_optimizer, effective_lr
+from trainer.step import Trainer, needs_reference, train_step
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # accelerate only treats torchrun's processes as one CPU job (gloo) when told cpu=True
@@ -121,27 +113,129 @@ def run_data_only(cfg: TrainConfig) -> int:
     return 0
 
 
-def objective(
-    cfg: TrainConfig,
-    pol: tuple[torch.Tensor, torch.Tensor],
-    ref: tuple[torch.Tensor, torch.Tensor] | None,
-    label: torch.Tensor,
-) -> tuple[torch.Tensor, dict]:
-    """The loss and its per-micro-step metrics (batch means, detached)."""
-    stats = {"policy_err_w": pol[0].mean(), "policy_err_l": pol[1].mean()}
-    if cfg.loss == "sft":
-        return sft_loss(pol[0]), stats
-    if cfg.loss == "diffusion":
-        return diffusion_loss(*pol), stats
-    assert ref is not None
-    h = dpo_logits(*pol, *ref, cfg.beta)
-    stats.update(
-        ref_err_w=ref[0].mean(),
-        ref_err_l=ref[1].mean(),
-        implicit_accuracy=implicit_accuracy(h).mean(),
-        reward_margin=reward_margin(*pol, *ref).mean(),
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The lr schedule is stepped by the step itself (once per optimizer step), never by accelerate."""
+    torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
+    torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+    return Accelerator(
+        cpu=_NO_GPU,
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=cfg.output_dir,
+        step_scheduler_with_optimizer=False,
     )
-    return dpo_loss(*pol, *ref, beta=cfg.beta, label=label), stats
+
+
+def build_trainer(cfg: TrainConfig, accelerator: Accelerator) -> Trainer:
+    """Models, optimizer and schedule; LoRA's init draws from the global RNG, so it is seeded the same everywhere."""
+    torch.manual_seed(cfg.seed)
+    models = load_models(
+        cfg.model,
+        lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        need_reference=needs_reference(cfg.loss),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        reference_dtype=_DTYPES[cfg.mixed_precision],
+    )
+    if models.reference is not None:
+        models.reference.to(accelerator.device)  # frozen, so never prepared (no DDP, no optimizer)
+    lr = effective_lr(cfg, accelerator.num_processes)
+    optimizer = build_optimizer((p for p in models.policy.parameters() if p.requires_grad), cfg, lr)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg)
+    unet, optimizer = accelerator.prepare(models.policy, optimizer)
+    policy = accelerator.unwrap_model(unet)
+    return Trainer(cfg, accelerator, models, unet, policy, optimizer, lr_scheduler)
+
+
+def resume(trainer: Trainer, topology: dict[str, int]) -> TrainState:
+    """The counters of `--resume`'s checkpoint, its weights, optimizer and schedule loaded; a fresh state without."""
+    cfg = trainer.cfg
+    path = resolve_resume(cfg.resume, cfg.output_dir) if cfg.resume else None
+    if path is None:
+        return TrainState()
+    state = load_checkpoint(
+        path, trainer.accelerator, trainer.policy, trainer.optimizer, trainer.lr_scheduler, topology
+    )
+    trainer.accelerator.print(f"resumed from {path} at step {state.global_step}")
+    return state
+
+
+def training_batches(cfg: TrainConfig, accelerator: Accelerator, micro_step: int) -> Iterator[dict]:
+    """The rank's stream from its data position, in O(1); with --fixed-batch the first batch, kept on the device,
+    at every micro-step (the step without the input pipeline, for the data-path overhead benchmark)."""
+    stream = make_stream(cfg, accelerator.process_index, accelerator.num_processes, micro_step)
+    batches = iter(make_loader(stream, pin_memory=accelerator.device.type == "cuda"))
+    if cfg.fixed_batch:
+        return itertools.repeat(to_device(next(batches), accelerator.device))
+    return batches
+
+
+def every_or_last(step: int, every: int, last: int) -> bool:
+    """Every `every` steps (never when 0) and at the last step."""
+    return every > 0 and (step % every == 0 or step == last)
+
+
+def should_log(cfg: TrainConfig, step: int) -> bool:
+    return every_or_last(step, cfg.log_every, cfg.max_steps)
+
+
+def should_checkpoint(cfg: TrainConfig, step: int) -> bool:
+    return every_or_last(step, cfg.checkpoint_every, cfg.max_steps)
+
+
+def should_evaluate(cfg: TrainConfig, step: int) -> bool:
+    """With --val-data: every eval_every steps, and always at the end (also when eval_every is 0)."""
+    return bool(cfg.val_data) and (
+        step == cfg.max_steps or every_or_last(step, cfg.eval_every, cfg.max_steps)
+    )
+
+
+def log_window(trainer: Trainer, window: MetricWindow, state: TrainState, progress: tqdm) -> None:
+    """The window's means over steps and ranks (a collective), to the trackers and the progress bar."""
+    logs = window.summary(trainer.accelerator)
+    logs.update(lr=trainer.lr_scheduler.get_last_lr()[0], skipped_steps=state.skipped_steps)
+    trainer.accelerator.log(logs, step=state.global_step)
+    progress.set_postfix(
+        {k: f"{logs[k]:.4g}" for k in ("loss", "implicit_accuracy", "pairs_per_s") if k in logs}
+    )
+
+
+def checkpoint(trainer: Trainer, state: TrainState, topology: dict[str, int]) -> None:
+    cfg = trainer.cfg
+    save_checkpoint(
+        trainer.accelerator,
+        cfg.output_dir,
+        state,
+        trainer.policy,
+        trainer.optimizer,
+        trainer.lr_scheduler,
+        {**topology, "seed": cfg.seed, "config": asdict(cfg)},
+        cfg.checkpoints_total_limit,
+    )
+
+
+def evaluate_and_log(trainer: Trainer, step: int) -> dict[str, float]:
+    """Held-out metrics from the main process (the others wait), logged and printed."""
+    cfg, accelerator = trainer.cfg, trainer.accelerator
+    result = {}
+    if accelerator.is_main_process:
+        result = evaluate(
+            trainer.models,
+            trainer.policy,
+            cfg.val_data,
+            batch_size=cfg.batch_size,
+            max_pairs=cfg.eval_max_pairs,
+            seed=cfg.seed,
+            beta=cfg.beta,
+            draws=cfg.eval_draws,
+            device=accelerator.device,
+            autocast=accelerator.autocast,
+        )
+        accelerator.log({f"eval/{k}": v for k, v in result.items()}, step=step)
+        accelerator.print("eval " + json.dumps({k: round(v, 6) for k, v in result.items()}))
+    accelerator.wait_for_everyone()
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,191 +244,54 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.data_only:
         return run_data_only(cfg)
 
-    accelerator = Accelerator(
-        cpu=_NO_GPU,
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_dir=cfg.output_dir,
-        step_scheduler_with_optimizer=False,
-    )
-    rank, world = accelerator.process_index, accelerator.num_processes
-    torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
-    torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
-    is_sdxl = Manifest.load(cfg.data).model_family == "sdxl"
-
-    # --- models, optimizer, schedule (LoRA init draws from the global RNG, so seed it identically everywhere)
-    torch.manual_seed(cfg.seed)
-    models = load_models(
-        cfg.model,
-        lora_rank=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        need_reference=cfg.loss == "dpo",
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        reference_dtype=_DTYPES[cfg.mixed_precision],
-    )
-    if models.reference is not None:
-        models.reference.to(accelerator.device)
-    lr = effective_lr(cfg, world)
-    optimizer = build_optimizer((p for p in models.policy.parameters() if p.requires_grad), cfg, lr)
-    lr_scheduler = build_lr_scheduler(optimizer, cfg)
-    unet, optimizer = accelerator.prepare(models.policy, optimizer)
-    policy = accelerator.unwrap_model(unet)
-
-    # --- resume: weights, optimizer, schedule and the exact data position, in O(1)
+    accelerator = make_accelerator(cfg)
+    world = accelerator.num_processes
+    trainer = build_trainer(cfg, accelerator)
     topology = {"world_size": world, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers}
-    global_step = skipped_steps = batches_consumed = 0
-    resume_from = resolve_resume(cfg.resume, cfg.output_dir) if cfg.resume else None
-    if resume_from is not None:
-        check_topology(resume_from, read_json(resume_from / "state.json"), topology)
-        state = load_checkpoint(resume_from, accelerator, policy, optimizer, lr_scheduler)
-        global_step, skipped_steps = state["global_step"], state["skipped_steps"]
-        batches_consumed = state["batches_consumed"]
-        accelerator.print(f"resumed from {resume_from} at step {global_step}")
-    batches = iter(
-        make_loader(
-            make_stream(cfg, rank, world, batches_consumed), pin_memory=accelerator.device.type == "cuda"
-        )
-    )
-    if cfg.fixed_batch:  # the step without the input pipeline, for the data-path overhead benchmark
-        batches = itertools.repeat(to_device(next(batches), accelerator.device))
-
+    state = resume(trainer, topology)
+    batches = training_batches(cfg, accelerator, state.micro_step)
     if cfg.report_to != "none":
         accelerator.init_trackers(
             "train", config={k: v for k, v in asdict(cfg).items() if isinstance(v, int | float | str | bool)}
         )
 
-    def run_eval() -> dict[str, float]:
-        result = {}
-        if accelerator.is_main_process:
-            result = evaluate(
-                models,
-                policy,
-                cfg.val_data,
-                batch_size=cfg.batch_size,
-                max_pairs=cfg.eval_max_pairs,
-                seed=cfg.seed,
-                beta=cfg.beta,
-                draws=cfg.eval_draws,
-                device=accelerator.device,
-                autocast=accelerator.autocast,
-            )
-            accelerator.log({f"eval/{k}": v for k, v in result.items()}, step=global_step)
-            accelerator.print("eval " + json.dumps({k: round(v, 6) for k, v in result.items()}))
-        accelerator.wait_for_everyone()
-        return result
-
-    def checkpoint() -> None:
-        save_checkpoint(
-            accelerator,
-            cfg.output_dir,
-            global_step,
-            policy,
-            optimizer,
-            lr_scheduler,
-            {
-                **topology,
-                "skipped_steps": skipped_steps,
-                "batches_consumed": batches_consumed,
-                "seed": cfg.seed,
-                "config": asdict(cfg),
-            },
-            cfg.checkpoints_total_limit,
-        )
-
-    # --- the loop: one optimizer step = gradient_accumulation_steps micro-batches per process
-    num_t = models.scheduler.config.num_train_timesteps
+    # the loop: one optimizer step = gradient_accumulation_steps micro-batches per process
     window = MetricWindow()
     progress = tqdm(
         total=cfg.max_steps,
-        initial=global_step,
+        initial=state.global_step,
         disable=not accelerator.is_main_process,
         desc=cfg.loss,
         mininterval=PROGRESS_INTERVAL_S,
     )
-    run_start = time.perf_counter()
-    steps_this_run = 0
+    pairs_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
+    first_step, run_start = state.global_step, time.perf_counter()
     eval_result: dict[str, float] = {}
-    while global_step < cfg.max_steps:
-        step_start = time.perf_counter()
-        finite = True
-        for _ in range(cfg.gradient_accumulation_steps):
-            wait_start = time.perf_counter()
-            batch = next(batches)
-            window.add_wait(time.perf_counter() - wait_start)
-            noise, timesteps = draw_noise(batch, num_t, seed=cfg.seed, rank=rank, micro_step=batches_consumed)
-            batches_consumed += 1
-            batch = to_device(batch, accelerator.device)
-            noise, timesteps = noise.to(accelerator.device), timesteps.to(accelerator.device)
-            with accelerator.accumulate(unet):
-                with accelerator.autocast():
-                    ref = (
-                        reference_errors(models, policy, batch, noise, timesteps)
-                        if cfg.loss == "dpo"
-                        else None
-                    )
-                    pol = pair_errors(unet, models.scheduler, batch, noise, timesteps)
-                loss, stats = objective(cfg, pol, ref, batch["label"])
-                finite &= bool(torch.isfinite(loss))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), max_norm)
-                    finite &= bool(torch.isfinite(grad_norm))
-                    # every rank must agree, or the replicas would diverge
-                    bad = accelerator.reduce(
-                        torch.tensor(float(not finite), device=accelerator.device), "sum"
-                    )
-                    if bad.item() == 0:
-                        optimizer.step()
-                    else:
-                        skipped_steps += 1
-                        if (
-                            accelerator.scaler is not None
-                        ):  # fp16: lower the loss scale, as a scaler skip would
-                            accelerator.scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    lr_scheduler.step()
-            window.add(loss=loss, **stats)
-        global_step += 1
-        steps_this_run += 1
-        window.add_step(
-            time.perf_counter() - step_start,
-            pairs=cfg.batch_size * cfg.gradient_accumulation_steps * world,
-            grad_norm=float(grad_norm),
-        )
+    while state.global_step < cfg.max_steps:
+        window.add_step(train_step(trainer, state, batches), pairs=pairs_per_step)
         progress.update(1)
-
-        if global_step % cfg.log_every == 0 or global_step == cfg.max_steps:
-            logs = window.summary(accelerator)
-            logs.update(lr=lr_scheduler.get_last_lr()[0], skipped_steps=skipped_steps)
-            accelerator.log(logs, step=global_step)
-            progress.set_postfix(
-                {k: f"{logs[k]:.4g}" for k in ("loss", "implicit_accuracy", "pairs_per_s") if k in logs}
-            )
-        if cfg.checkpoint_every and (global_step % cfg.checkpoint_every == 0 or global_step == cfg.max_steps):
-            checkpoint()
-        if cfg.val_data and (
-            (cfg.eval_every and global_step % cfg.eval_every == 0) or global_step == cfg.max_steps
-        ):
-            eval_result = run_eval()
+        if should_log(cfg, state.global_step):
+            log_window(trainer, window, state, progress)
+        if should_checkpoint(cfg, state.global_step):
+            checkpoint(trainer, state, topology)
+        if should_evaluate(cfg, state.global_step):
+            eval_result = evaluate_and_log(trainer, state.global_step)
     progress.close()
-
     seconds = time.perf_counter() - run_start
-    export_final(accelerator, policy, cfg.output_dir, is_sdxl)
+
+    export_final(accelerator, trainer.policy, cfg.output_dir, Manifest.load(cfg.data).model_family == "sdxl")
     # Release DDP, then the process group, while every rank is still alive: a gloo group left to the interpreter's
     # exit after its peer has gone can hang forever in its destructor (seen with torchrun on 2 CPUs).
     accelerator.wait_for_everyone()
     accelerator.free_memory()
-    del unet  # the DDP wrapper owns the reducer that holds the group
+    del trainer  # its DDP wrapper owns the reducer that holds the group
     accelerator.end_training()  # stops the trackers and destroys the process group
-    pairs = steps_this_run * cfg.batch_size * cfg.gradient_accumulation_steps * world
+    steps_this_run = state.global_step - first_step
     summary = {
-        "global_step": global_step,
-        "skipped_steps": skipped_steps,
+        **asdict(state),
         "steps_this_run": steps_this_run,
         "seconds": round(seconds, 3),
-        "pairs_per_s": round(pairs / seconds, 2) if seconds > 0 else None,
+        "pairs_per_s": round(steps_this_run * pairs_per_step / seconds, 2) if seconds > 0 else None,
         "final": f"{cfg.output_dir}/final",
         **{f"eval_{k}": v for k, v in eval_result.items()},
     }

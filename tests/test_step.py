@@ -1,0 +1,127 @@
+"""The optimizer step on its own: counters, skipping, and at most one host sync per optimizer step.
+
+No GPU here, so the sync budget is checked by structure: every way a tensor's value reaches Python (`item`,
+`__bool__`, `__float__`, `__int__`, `__index__`, `tolist`, `numpy`) is counted while steps run, by call site.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+
+from schemas.config import TrainConfig
+from trainer.checkpoint import TrainState
+from trainer.step import train_step
+from trainer.train import build_trainer, training_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _trainer(model: Path, data: Path, accumulation: int, **overrides):
+    cfg = TrainConfig(
+        data=str(data),
+        model=str(model),
+        batch_size=2,
+        gradient_accumulation_steps=accumulation,
+        num_workers=0,
+        learning_rate=1e-3,
+        scale_lr=False,
+        lr_warmup_steps=0,
+        report_to="none",
+        **overrides,
+    )
+    accelerator = Accelerator(
+        cpu=True, gradient_accumulation_steps=accumulation, step_scheduler_with_optimizer=False
+    )
+    return cfg, build_trainer(cfg, accelerator), accelerator
+
+
+class HostReads:
+    """Counts, by caller file, every read of a tensor's value into Python made while active."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.by_site: Counter[str] = Counter()
+        self.active = False
+        for name in HOST_READS:
+            monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name)))
+
+    def _counting(self, original):
+        def read(tensor, *args, **kwargs):
+            if self.active:
+                caller = sys._getframe(1)
+                self.by_site[f"{caller.f_code.co_filename}:{caller.f_lineno}"] += 1
+            return original(tensor, *args, **kwargs)
+
+        return read
+
+    def ours(self) -> Counter[str]:
+        """Reads made by the project's own code (trainer/, schemas/), not by the libraries it calls."""
+        return Counter(
+            {
+                site: n
+                for site, n in self.by_site.items()
+                if site.startswith((str(ROOT / "trainer"), str(ROOT / "schemas")))
+            }
+        )
+
+
+def _prefetched(cfg: TrainConfig, accelerator: Accelerator, n: int) -> Iterator[dict]:
+    """n batches read before counting starts: the input pipeline's own reads are of host data, not the device's."""
+    return iter(list(itertools.islice(training_batches(cfg, accelerator, 0), n)))
+
+
+@pytest.mark.parametrize("loss", ["dpo", "sft"])
+def test_one_host_sync_per_optimizer_step(
+    tiny_sd15: Path, latent_sd15: Path, monkeypatch: pytest.MonkeyPatch, loss: str
+) -> None:
+    accumulation, steps = 4, 3
+    cfg, trainer, accelerator = _trainer(tiny_sd15, latent_sd15, accumulation, loss=loss)
+    batches = _prefetched(cfg, accelerator, accumulation * steps)
+    reads = HostReads(monkeypatch)
+    state = TrainState()
+    reads.active = True
+    results = [train_step(trainer, state, batches) for _ in range(steps)]
+    reads.active = False
+    ours = reads.ours()
+    assert sum(ours.values()) == steps, f"host reads per {steps} steps: {dict(ours)}"
+    (site,) = ours
+    assert site.startswith(str(ROOT / "trainer" / "step.py"))
+    # the rest are the optimizer's step counters, which torch keeps on the host (no device sync on a GPU)
+    assert all("/torch/optim/" in site for site in reads.by_site - ours), dict(reads.by_site - ours)
+    assert state == TrainState(global_step=steps, micro_step=steps * accumulation, skipped_steps=0)
+    assert all(len(r.metrics) == accumulation and not r.skipped for r in results)
+    assert all(r.grad_norm.ndim == 0 and torch.isfinite(r.grad_norm) for r in results)
+
+
+def test_non_finite_step_is_skipped_on_the_device(tiny_sd15: Path, latent_sd15: Path) -> None:
+    """A non-finite micro-batch anywhere in the accumulation skips the whole update, and the next step trains."""
+    cfg, trainer, accelerator = _trainer(tiny_sd15, latent_sd15, 2)
+    good = list(itertools.islice(training_batches(cfg, accelerator, 0), 4))
+    bad = {**good[1], "w_latents": torch.full_like(good[1]["w_latents"], float("nan"))}
+    before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    state = TrainState()
+    result = train_step(trainer, state, iter([good[0], bad]))
+    assert result.skipped and state == TrainState(global_step=1, micro_step=2, skipped_steps=1)
+    after = trainer.policy.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in trainer.policy.parameters())  # the bad gradients are gone
+    assert trainer.lr_scheduler.last_epoch == 1  # the schedule still counts the step
+    result = train_step(trainer, state, iter(good[2:]))
+    assert not result.skipped and state.skipped_steps == 1
+    assert any(not torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())

@@ -1,0 +1,163 @@
+"""One optimizer step: `gradient_accumulation_steps` micro-batches, then one clipped update or a counted skip.
+
+Non-finite detection stays on the device: every micro-batch ANDs `isfinite(loss)` into a device flag, the gradient
+norm joins it, and an all-reduce makes the ranks agree. Reading that flag to update or skip is the step's one host
+sync; the metrics stay on the device until the logging window reads them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from diffusers import UNet2DConditionModel
+from torch.optim.lr_scheduler import LRScheduler
+
+from schemas.config import TrainConfig
+from trainer.checkpoint import TrainState
+from trainer.losses import (
+    REFERENCE_FREE,
+    diffusion_loss,
+    dpo_logits,
+    dpo_loss,
+    implicit_accuracy,
+    reward_margin,
+    sft_loss,
+)
+from trainer.model import Models, draw_noise, pair_errors, reference_errors, to_device
+
+
+@dataclass
+class Trainer:
+    """What a step needs, built once by `main` and not changed by steps."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    models: Models  # the scheduler and the frozen reference (None for LoRA or a loss without one)
+    unet: (
+        torch.nn.Module
+    )  # the policy as accelerate prepared it (DDP-wrapped on many processes): train through it
+    policy: UNet2DConditionModel  # the same policy unwrapped: checkpoints, evaluation, LoRA's reference pass
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: LRScheduler
+
+
+@dataclass
+class StepResult:
+    metrics: list[
+        dict[str, torch.Tensor]
+    ]  # per micro-batch: the loss and the objective's statistics, on the device
+    grad_norm: torch.Tensor  # total gradient norm before clipping, on the device
+    skipped: bool  # a loss or gradient was non-finite on some rank, so no update was applied
+    seconds: float
+    data_wait_s: float  # of `seconds`, spent waiting for the input pipeline
+
+
+def train_step(trainer: Trainer, state: TrainState, batches: Iterator[dict]) -> StepResult:
+    """Run one optimizer step on the next micro-batches and advance `state`'s counters."""
+    cfg, accelerator = trainer.cfg, trainer.accelerator
+    start = time.perf_counter()
+    data_wait = 0.0
+    finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
+    metrics = []
+    for _ in range(cfg.gradient_accumulation_steps):
+        wait_start = time.perf_counter()
+        batch = next(batches)
+        data_wait += time.perf_counter() - wait_start
+        batch = _with_noise(batch, trainer, state.micro_step)
+        state.micro_step += 1
+        with accelerator.accumulate(trainer.unet):
+            loss, stats = micro_batch_loss(trainer, batch)
+            finite &= torch.isfinite(loss)
+            accelerator.backward(loss)
+        metrics.append({"loss": loss, **stats})
+    grad_norm, skipped = apply_gradients(trainer, finite)
+    state.global_step += 1
+    state.skipped_steps += int(skipped)
+    return StepResult(metrics, grad_norm, skipped, time.perf_counter() - start, data_wait)
+
+
+def _with_noise(batch: dict, trainer: Trainer, micro_step: int) -> dict:
+    """The batch on the device with its training noise and timesteps, drawn on the host from (seed, rank,
+    micro_step) and copied without blocking (pinned on CUDA), so a resumed run draws exactly the same."""
+    device = trainer.accelerator.device
+    noise, timesteps = draw_noise(
+        batch,
+        trainer.models.scheduler.config.num_train_timesteps,
+        seed=trainer.cfg.seed,
+        rank=trainer.accelerator.process_index,
+        micro_step=micro_step,
+    )
+    if device.type == "cuda":
+        noise, timesteps = noise.pin_memory(), timesteps.pin_memory()
+    return to_device({**batch, "noise": noise, "timesteps": timesteps}, device)
+
+
+def needs_reference(loss: str) -> bool:
+    """Whether `loss` compares the policy with the frozen reference, which must then be loaded and run."""
+    return loss not in REFERENCE_FREE
+
+
+def objective(
+    cfg: TrainConfig,
+    model_err_w: torch.Tensor,
+    model_err_l: torch.Tensor,
+    ref_err_w: torch.Tensor | None,
+    ref_err_l: torch.Tensor | None,
+    label: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`cfg.loss` on one micro-batch's four per-pair errors (the reference's are None for a reference-free loss):
+    the scalar loss, and batch-mean statistics for the metrics window."""
+    stats = {"policy_err_w": model_err_w.mean(), "policy_err_l": model_err_l.mean()}
+    if cfg.loss == "sft":
+        return sft_loss(model_err_w), stats
+    if cfg.loss == "diffusion":
+        return diffusion_loss(model_err_w, model_err_l), stats
+    if cfg.loss != "dpo":
+        raise ValueError(f"loss {cfg.loss!r} is not wired into the trainer step")
+    assert ref_err_w is not None and ref_err_l is not None
+    errors = (model_err_w, model_err_l, ref_err_w, ref_err_l)
+    h = dpo_logits(*errors, cfg.beta)
+    stats.update(
+        ref_err_w=ref_err_w.mean(),
+        ref_err_l=ref_err_l.mean(),
+        implicit_accuracy=implicit_accuracy(h).mean(),
+        reward_margin=reward_margin(*errors).mean(),
+    )
+    return dpo_loss(*errors, beta=cfg.beta, label=label), stats
+
+
+def micro_batch_loss(trainer: Trainer, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The objective on one micro-batch: reference errors (no grad) when the loss needs them, then the policy's."""
+    cfg, models = trainer.cfg, trainer.models
+    noise, timesteps = batch["noise"], batch["timesteps"]
+    with trainer.accelerator.autocast():
+        ref_w, ref_l = (
+            reference_errors(models, trainer.policy, batch, noise, timesteps)
+            if needs_reference(cfg.loss)
+            else (None, None)
+        )
+        pol_w, pol_l = pair_errors(trainer.unet, models.scheduler, batch, noise, timesteps)
+    return objective(cfg, pol_w, pol_l, ref_w, ref_l, batch["label"])
+
+
+def apply_gradients(trainer: Trainer, finite: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Clip, then update, or skip the update when any rank saw a non-finite loss or gradient: the replicas must
+    agree, or they would diverge. Reading that agreement is the step's one host sync."""
+    cfg, accelerator = trainer.cfg, trainer.accelerator
+    assert accelerator.sync_gradients, "an optimizer step must end on an accumulation boundary"
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+    grad_norm = accelerator.clip_grad_norm_(trainer.unet.parameters(), max_norm)
+    finite = finite & torch.isfinite(grad_norm)
+    skipped = accelerator.reduce((~finite).float(), "sum").item() != 0
+    if not skipped:
+        trainer.optimizer.step()
+    elif accelerator.scaler is not None:  # fp16: lower the loss scale, as a scaler skip would
+        accelerator.scaler.update()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.lr_scheduler.step()
+    return grad_norm, skipped
