@@ -114,7 +114,9 @@ def test_files_follow_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o002)
     try:
         assert process_umask() == 0o002
-        path = save_checkpoint(accelerator, tmp_path, 1, model, opt, sched, {}, total_limit=0)
+        path = save_checkpoint(
+            accelerator, tmp_path, TrainState(global_step=1), model, opt, sched, {}, total_limit=0
+        )
         atomic_write_json(tmp_path / "x.json", {})
     finally:
         os.umask(old)
