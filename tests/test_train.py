@@ -291,11 +291,20 @@ def test_demo_reports_both_accuracies(
         "none",
         "--min-accuracy",
         str(threshold),
+        "--defects",
+        str(tmp_path / "loser_defects.json"),
     ]
+    defects = {str(1000 + i): ("colour", "contrast", "both")[i % 3] for i in range(40)}
+    (tmp_path / "loser_defects.json").write_text(json.dumps(defects))
     assert demo.main(argv) == code
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
     assert result["reference"]["implicit_accuracy"] == 0.5
     assert result["passed"] is (code == 0) and result["policy"]["num_pairs"] == 8
+    assert result["policy"]["pairs_by_group"] == {"both": 2, "colour": 3, "contrast": 3}
+    assert next(line for line in out if line.startswith("learned:")).count("where the loser is off in") == 3
+    gap = result["reference_caption_gap"]
+    assert gap["num_pairs"] == 8 and gap["err_own_caption"] > 0 and gap["err_other_caption"] > 0
 
 
 def test_fixed_batch_reads_only_the_first_batch(latent_sd15: Path, tiny_sd15: Path, tmp_path: Path) -> None:

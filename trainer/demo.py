@@ -1,8 +1,11 @@
-"""The end-to-end demo: held-out implicit accuracy of the reference (0.5 by construction), DPO training, and the
-trained policy's accuracy, which must reach --min-accuracy (exit 1 otherwise).
+"""The end-to-end demo: how much the reference reads its caption, held-out implicit accuracy of the reference (0.5
+by construction), DPO training, and the trained policy's accuracy, overall and per kind of loser; the overall
+accuracy must reach --min-accuracy (exit 1 otherwise).
 
   python -m trainer.demo --config configs/demo.toml --data TRAIN --val-data VAL --model MODEL --output-dir RUN
-Every trainer flag is accepted; --min-accuracy (default 0.65) is the demo's own.
+     [--defects VAL_PARQUET_DIR/loser_defects.json] [--min-accuracy A]
+Every trainer flag is accepted; --min-accuracy and --defects (the synthetic split's ranking_id → loser defect map,
+for the per-defect accuracies) are the demo's own.
 """
 
 from __future__ import annotations
@@ -12,12 +15,16 @@ import json
 import sys
 from pathlib import Path
 
+from schemas.atomic import read_json
 from schemas.config import TrainConfig, parse_config
+from schemas.sample import pair_key
 from trainer import train
-from trainer.evaluate import evaluate, load_for_eval
+from trainer.evaluate import caption_gap, evaluate, load_for_eval
+
+MIN_ACCURACY = 0.65
 
 
-def held_out_accuracy(cfg: TrainConfig, unet_dir: str | None) -> dict[str, float]:
+def held_out_accuracy(cfg: TrainConfig, unet_dir: str | None, groups: dict[str, str] | None) -> dict:
     models, policy = load_for_eval(cfg.model, unet_dir, None)
     return evaluate(
         models,
@@ -28,29 +35,74 @@ def held_out_accuracy(cfg: TrainConfig, unet_dir: str | None) -> dict[str, float
         seed=cfg.seed,
         beta=cfg.beta,
         draws=cfg.eval_draws,
+        groups=groups,
+    )
+
+
+def reference_caption_gap(cfg: TrainConfig) -> dict[str, float]:
+    models, reference = load_for_eval(cfg.model, None, None)
+    return caption_gap(
+        reference,
+        models.scheduler,
+        cfg.val_data,
+        batch_size=cfg.batch_size,
+        max_pairs=cfg.eval_max_pairs,
+        seed=cfg.seed,
+        draws=cfg.eval_draws,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("--min-accuracy", type=float, default=0.65)
+    own.add_argument("--min-accuracy", type=float, default=MIN_ACCURACY)
+    own.add_argument("--defects", type=Path, help="loser_defects.json of the validation parquet split")
     args, rest = own.parse_known_args(argv if argv is not None else sys.argv[1:])
     cfg = parse_config(TrainConfig, rest, __doc__.split("\n\n")[0])
     if not cfg.val_data:
         raise SystemExit("error: the demo needs --val-data")
-    before = held_out_accuracy(cfg, None)
+    groups = None
+    if args.defects:
+        try:
+            groups = {pair_key(int(k)): str(v) for k, v in read_json(args.defects).items()}
+        except (OSError, ValueError, AttributeError) as e:
+            raise SystemExit(
+                f"error: --defects {args.defects}: not a ranking_id → defect map ({e})"
+            ) from None
+    gap = reference_caption_gap(cfg)
+    print(
+        f"reference denoising error of {gap['num_pairs']} held-out preferred images: "
+        f"{gap['err_own_caption']:.4f} with their caption, {gap['err_other_caption']:.4f} with another pair's "
+        f"({100 * gap['relative_gap']:.1f}% lower with the right caption)"
+    )
+    before = held_out_accuracy(cfg, None, groups)
     print(
         f"reference implicit accuracy on {before['num_pairs']} held-out pairs: {before['implicit_accuracy']:.3f}"
     )
     train.main(rest)
-    after = held_out_accuracy(cfg, str(Path(cfg.output_dir) / "final" / "unet"))
+    after = held_out_accuracy(cfg, str(Path(cfg.output_dir) / "final" / "unet"), groups)
     ok = after["implicit_accuracy"] >= args.min_accuracy
+    if groups is not None:
+        by, count = after["accuracy_by_group"], after["pairs_by_group"]
+        print(
+            "learned: held-out accuracy "
+            + ", ".join(f"{by[g]:.3f} where the loser is off in {g} ({count[g]} pairs)" for g in by)
+        )
     print(
         f"reference accuracy {before['implicit_accuracy']:.3f} → DPO policy accuracy "
         f"{after['implicit_accuracy']:.3f} (reward margin {after['reward_margin']:.3g}); "
         f"{'PASS' if ok else 'FAIL'}: threshold {args.min_accuracy}"
     )
-    print(json.dumps({"reference": before, "policy": after, "min_accuracy": args.min_accuracy, "passed": ok}))
+    print(
+        json.dumps(
+            {
+                "reference_caption_gap": gap,
+                "reference": before,
+                "policy": after,
+                "min_accuracy": args.min_accuracy,
+                "passed": ok,
+            }
+        )
+    )
     return 0 if ok else 1
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from trainer.data import iter_eval_batches
 from trainer.losses import dpo_logits, dpo_loss, implicit_accuracy, reward_margin
@@ -49,13 +49,18 @@ def evaluate(
     draws: int = 4,
     device: torch.device | str = "cpu",
     autocast: Callable[[], AbstractContextManager] = nullcontext,
-) -> dict[str, float]:
+    groups: Mapping[str, str] | None = None,
+) -> dict:
     """Means over the first `max_pairs` pairs of `data_dir`. `policy` is the unwrapped policy; when it is also the
-    reference (no reference copy, no LoRA), its errors are reused, so the accuracy is exactly 0.5."""
+    reference (no reference copy, no LoRA), its errors are reused, so the accuracy is exactly 0.5.
+
+    `groups` (pair key → group name, e.g. what makes the loser worse) adds `accuracy_by_group` and
+    `pairs_by_group`: which part of a preference was learned. Pairs it does not name count only in the means."""
     policy_is_reference = models.reference is None and not models.is_lora
     was_training = policy.training
     policy.eval()
     sums = dict.fromkeys(METRICS, 0.0)
+    group_hits: dict[str, list[float]] = {}
     n = 0
     try:
         for batch in iter_eval_batches(data_dir, batch_size=batch_size, max_pairs=max_pairs):
@@ -88,12 +93,84 @@ def evaluate(
             }
             for k, v in per_pair.items():
                 sums[k] += float(v.double().sum())
+            for key, hit in zip(batch["keys"], per_pair["implicit_accuracy"].tolist(), strict=True):
+                if groups and key in groups:
+                    group_hits.setdefault(groups[key], []).append(hit)
             n += len(batch["keys"])
     finally:
         policy.train(was_training)
     if n == 0:
         raise ValueError(f"{data_dir}: no evaluation pairs")
-    return {**{k: v / n for k, v in sums.items()}, "num_pairs": n}
+    result: dict = {**{k: v / n for k, v in sums.items()}, "num_pairs": n}
+    if groups is not None:
+        result["accuracy_by_group"] = {g: sum(h) / len(h) for g, h in sorted(group_hits.items())}
+        result["pairs_by_group"] = {g: len(h) for g, h in sorted(group_hits.items())}
+    return result
+
+
+def _other_captions(prompt_embeds: torch.Tensor) -> torch.Tensor:
+    """For each pair, the index of the next pair in the batch (cyclically) with a different caption; -1 if none."""
+    flat = prompt_embeds.flatten(1)
+    n = len(flat)
+    other = []
+    for i in range(n):
+        js = ((i + k) % n for k in range(1, n))
+        other.append(next((j for j in js if not torch.equal(flat[i], flat[j])), -1))
+    return torch.tensor(other, dtype=torch.long)
+
+
+@torch.no_grad()
+def caption_gap(
+    unet: UNet2DConditionModel,
+    scheduler: DDPMScheduler,
+    data_dir: str | Path,
+    *,
+    batch_size: int = 16,
+    max_pairs: int | None = None,
+    seed: int = 0,
+    draws: int = 4,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """How much `unet` uses its text: mean denoising error of the preferred images under their own caption and
+    under another pair's caption (same noise and timesteps). DPO can only learn a caption-dependent preference if
+    the reference already reads the caption, so a right caption must give a clearly lower error."""
+    was_training = unet.training
+    unet.eval()
+    own = wrong = 0.0
+    n = 0
+    try:
+        for batch in iter_eval_batches(data_dir, batch_size=batch_size, max_pairs=max_pairs):
+            batch = to_device(batch, torch.device(device))
+            other = _other_captions(batch["prompt_embeds"])
+            keep = other >= 0
+            if not keep.any():
+                continue
+            swapped = {
+                **batch,
+                "l_latents": batch["w_latents"],
+            }  # the preferred image twice: own caption, other
+            for name in ("prompt_embeds", "pooled_prompt_embeds"):
+                if name in batch:
+                    swapped[name] = batch[name][other.clamp(min=0).to(batch[name].device)]
+            for draw in range(draws):
+                noise, timesteps = draw_eval_noise(
+                    batch, scheduler.config.num_train_timesteps, seed=seed, draw=draw
+                )
+                e_own, _ = pair_errors(unet, scheduler, batch, noise, timesteps)
+                e_wrong, _ = pair_errors(unet, scheduler, swapped, noise, timesteps)
+                own += float(e_own[keep].double().sum()) / draws
+                wrong += float(e_wrong[keep].double().sum()) / draws
+            n += int(keep.sum())
+    finally:
+        unet.train(was_training)
+    if n == 0:
+        raise ValueError(f"{data_dir}: no pair whose batch holds another caption")
+    return {
+        "err_own_caption": own / n,
+        "err_other_caption": wrong / n,
+        "relative_gap": (wrong - own) / wrong,
+        "num_pairs": n,
+    }
 
 
 def load_for_eval(
