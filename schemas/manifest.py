@@ -47,6 +47,9 @@ class Manifest:
     versions: dict[str, str]
     format_version: int = FORMAT_VERSION
     created_at: str = ""
+    # the per-member checksum algorithm (schemas.sample.CHECKSUM) the encode wrote; None: an encode from before
+    # checksums, read unverified
+    checksum: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, out_dir: str | Path) -> None:

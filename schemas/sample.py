@@ -9,12 +9,18 @@ Pair sample (key = `pair_key(ranking_id)`):
 Text sample (key = `caption_key(caption)`):
   `<key>.safetensors`  `prompt_embeds` [77, D] (+ `pooled_prompt_embeds` [P] for SDXL).
 Nothing is pickled: tensors are safetensors, metadata is JSON.
+
+Integrity: every safetensors member carries, in its header's `__metadata__`, the CRC-32 of its own tensor data
+(`crc32`) and, for a pair, of the pair's JSON member (`crc32_json`). A reader verifies both, so a flipped byte
+anywhere in a sample is an error naming the shard and key instead of silently different numbers. CRC-32 (zlib, as
+zip/gzip/PNG use) is enough to catch storage and transfer damage and costs ~0.1 ms per SD1.5 pair.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,6 +33,11 @@ TENSORS_EXT = "safetensors"
 LATENT_MODES = ("moments", "mean")
 SIDES = ("w", "l")
 EMPTY_CAPTION = ""
+CHECKSUM = "crc32"  # the algorithm named in the manifest; members written by this version carry one
+
+
+class CorruptSampleError(ValueError):
+    """A sample whose bytes do not match its stored checksum, or that cannot be decoded: the file is damaged."""
 
 
 def caption_key(caption: str) -> str:
@@ -92,16 +103,59 @@ def _image_meta(d: dict[str, Any]) -> ImageMeta:
     )
 
 
-def encode_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
-    return save_safetensors({k: v.contiguous() for k, v in tensors.items()})
+def _crc(data: bytes | memoryview) -> str:
+    return f"{zlib.crc32(data):08x}"
 
 
-def decode_tensors(data: bytes, required: list[str], where: str) -> dict[str, torch.Tensor]:
-    """Load a safetensors member and check it holds every required tensor; errors name shard and key."""
+def encode_tensors(tensors: dict[str, torch.Tensor], companion: bytes | None = None) -> bytes:
+    """One safetensors member whose header records the CRC-32 of its tensor data (and of `companion`, the pair's
+    JSON member). The data section does not depend on the metadata, so it is serialised once to be measured."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    plain = save_safetensors(tensors)
+    metadata = {CHECKSUM: _crc(memoryview(plain)[8 + _header_len(plain) :])}
+    if companion is not None:
+        metadata[f"{CHECKSUM}_json"] = _crc(companion)
+    return save_safetensors(tensors, metadata=metadata)
+
+
+def _header_len(data: bytes) -> int:
+    return int.from_bytes(data[:8], "little")
+
+
+def decode_tensors(
+    data: bytes,
+    required: list[str],
+    where: str,
+    *,
+    companion: bytes | None = None,
+    require_checksum: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Load a safetensors member, verify its checksums and check it holds every required tensor; errors name shard
+    and key. `companion` is the pair's JSON member, verified against the CRC stored with the tensors.
+    `require_checksum`: the manifest says the encode wrote checksums, so a member without one is damaged too."""
+    data = bytes(data)
     try:
-        tensors = load_safetensors(bytes(data))
+        n = _header_len(data)
+        stored = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+        tensors = load_safetensors(data)
     except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{where}: unreadable safetensors member ({e})") from e
+        raise CorruptSampleError(f"{where}: unreadable safetensors member ({e})") from e
+    checks = [(CHECKSUM, memoryview(data)[8 + n :])]
+    if companion is not None:
+        checks.append((f"{CHECKSUM}_json", companion))
+    for name, payload in checks:
+        if name not in stored:
+            if require_checksum:
+                raise CorruptSampleError(
+                    f"{where}: member has no {name} checksum; the manifest says it should"
+                )
+            continue
+        if (actual := _crc(payload)) != stored[name]:
+            part = "JSON member" if name.endswith("_json") else "tensor data"
+            raise CorruptSampleError(
+                f"{where}: {part} fails its checksum ({name} stored {stored[name]}, computed {actual}); "
+                "the file is damaged: re-encode it or restore it from a copy"
+            )
     missing = [name for name in required if name not in tensors]
     if missing:
         raise ValueError(f"{where}: safetensors member lacks tensors {missing} (has {sorted(tensors)})")

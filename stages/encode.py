@@ -28,7 +28,7 @@ from typing import Any
 from schemas.atomic import atomic_write_json, read_json
 from schemas.config import EncodeConfig, config_to_dict, parse_config
 from schemas.manifest import MANIFEST_NAME, Manifest, Report, ShardEntry
-from schemas.sample import EMPTY_CAPTION, LATENT_MODES, PAIR_META_EXT, TENSORS_EXT, caption_key
+from schemas.sample import CHECKSUM, EMPTY_CAPTION, LATENT_MODES, PAIR_META_EXT, TENSORS_EXT, caption_key
 from stages.decode_images import read_drops
 from stages.read_pairs import REQUIRED_COLUMNS, InputError, Prescan, list_parquet_files, prescan, valid_labels
 from stages.write_shards import finalize_part, load_part, reset_dir
@@ -320,6 +320,8 @@ def write_manifest(config: EncodeConfig, out: Path, chunks: list[dict[str, Any]]
         encode_config=config_to_dict(config),
         versions=versions(),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        # parts published by an encode from before checksums have none; then nothing can be verified
+        checksum=CHECKSUM if all(p.get("checksum") == CHECKSUM for p in [*chunks, *texts]) else None,
     )
     manifest.check(out / MANIFEST_NAME)
     manifest.save(out)

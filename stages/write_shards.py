@@ -17,7 +17,7 @@ import numpy as np
 from ray.data.datasource import FilenameProvider
 
 from schemas.atomic import atomic_write_json, publish_dir, read_json
-from schemas.sample import PAIR_META_EXT, TENSORS_EXT, encode_tensors, pair_key
+from schemas.sample import CHECKSUM, PAIR_META_EXT, TENSORS_EXT, encode_tensors, pair_key
 
 PART_INFO = "_part.json"  # per published directory: its tars with sample counts, plus what the stage recorded
 
@@ -41,7 +41,8 @@ def to_pair_samples(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """
     names = [k for k in batch if k not in ("ranking_id", PAIR_META_EXT)]
     members = [
-        encode_tensors({k: _tensor(batch[k][i]) for k in names}) for i in range(len(batch["ranking_id"]))
+        encode_tensors({k: _tensor(batch[k][i]) for k in names}, companion=bytes(batch[PAIR_META_EXT][i]))
+        for i in range(len(batch["ranking_id"]))
     ]
     return {
         "__key__": np.asarray([pair_key(r) for r in batch["ranking_id"]], dtype=object),
@@ -94,6 +95,7 @@ def finalize_part(tmp: Path, final: Path, required: tuple[str, ...], info: dict[
         raise ValueError(f"{tmp}: {len(duplicates)} keys written twice, e.g. {duplicates[0]}")
     part = {
         **info,
+        "checksum": CHECKSUM,  # every member went through encode_tensors, which records one
         "shards": shards,
         "num_samples": sum(s["num_samples"] for s in shards),
         "keys": sorted(keys),

@@ -241,7 +241,14 @@ def _rewrite_first_pair(data_dir: Path, mutate) -> tuple[Path, str]:
 def _without_logvar(sample: dict) -> dict:
     tensors = load_safetensors(sample["safetensors"])
     del tensors["w_logvar"]
-    return {**sample, "safetensors": encode_tensors(tensors)}
+    return {**sample, "safetensors": encode_tensors(tensors, companion=sample["json"])}
+
+
+def _unparsable_json(sample: dict) -> dict:
+    """Metadata that is not JSON, written with matching checksums: the parser, not the checksum, must catch it."""
+    meta = b"{not json"
+    tensors = load_safetensors(sample["safetensors"])
+    return {**sample, "json": meta, "safetensors": encode_tensors(tensors, companion=meta)}
 
 
 @pytest.mark.parametrize(
@@ -249,7 +256,9 @@ def _without_logvar(sample: dict) -> dict:
     [
         (lambda s: {**s, "safetensors": b"garbage"}, "unreadable safetensors"),
         (_without_logvar, r"lacks tensors \['w_logvar'\]"),
-        (lambda s: {**s, "json": b"{not json"}, "malformed pair metadata"),
+        (_unparsable_json, "malformed pair metadata"),
+        (lambda s: {**s, "json": b"{not json"}, "JSON member fails its checksum"),
+        (lambda s: {**s, "safetensors": encode_tensors(load_safetensors(s["safetensors"]))}, "no crc32_json"),
         (lambda s: {k: v for k, v in s.items() if k != "json"}, r"lacks members \['json'\]"),
     ],
 )

@@ -17,10 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load as load_safetensors
 
 from schemas.manifest import Manifest, Report
-from schemas.sample import PairMeta, caption_key, latent_tensor_names, pair_key
+from schemas.sample import CHECKSUM, PairMeta, caption_key, decode_tensors, latent_tensor_names, pair_key
 from stages.encode import main
 from stages.read_pairs import list_parquet_files
 
@@ -102,7 +101,8 @@ def text_keys(out: Path) -> dict[str, dict[str, torch.Tensor]]:
         with tarfile.open(out / shard.path) as tar:
             for m in tar:
                 assert m.name.endswith(".safetensors"), m.name
-                texts[m.name.split(".")[0]] = load_safetensors(tar.extractfile(m).read())
+                key = m.name.split(".")[0]
+                texts[key] = decode_tensors(tar.extractfile(m).read(), [], key, require_checksum=True)
     return texts
 
 
@@ -111,6 +111,7 @@ def check_contract(
 ) -> dict[str, PairMeta]:
     manifest = Manifest.load(out)
     assert manifest.model_family == family and manifest.latent_mode == mode and manifest.flip_variants == flip
+    assert manifest.checksum == CHECKSUM
     assert manifest.latent_shape == [4, 8, 8] and manifest.latent_dtype == "float16"
     assert manifest.text_embed_shape == [77, 96 if family == "sdxl" else 32]
     assert manifest.pooled_embed_dim == (32 if family == "sdxl" else None)
@@ -119,7 +120,10 @@ def check_contract(
     metas = {}
     for key, sample in read_samples(out).items():
         meta = PairMeta.from_json_bytes(sample["json"])
-        tensors = load_safetensors(sample["safetensors"])
+        names = latent_tensor_names(mode, flip)  # the encoder's checksums verify, JSON member included
+        tensors = decode_tensors(
+            sample["safetensors"], names, key, companion=sample["json"], require_checksum=True
+        )
         assert sorted(tensors) == sorted(latent_tensor_names(mode, flip))
         assert all(t.dtype == torch.float16 and t.shape == (4, 8, 8) for t in tensors.values())
         row = src_rows[meta.ranking_id]

@@ -12,12 +12,11 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2D
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from embedded.latent_dataset import write_latent_dataset, write_tar
+from embedded.latent_dataset import write_latent_dataset
 from schemas.atomic import process_umask, read_json
 from schemas.manifest import Manifest
-from schemas.sample import decode_tensors, encode_tensors, latent_tensor_names
+from tests.fixtures.damage import poison_pairs
 from trainer import demo, train
-from trainer.data import read_pair_shard
 from trainer.evaluate import evaluate, load_for_eval
 from trainer.model import draw_noise, load_models, pair_errors, reference_errors
 
@@ -156,22 +155,9 @@ def test_resume_latest_is_bit_identical(tiny_sd15: Path, latent_sd15: Path, tmp_
         )
 
 
-def _poison_shard(data: Path, shard: int) -> None:
-    """Make every latent of one shard infinite, so any step that draws from it has a non-finite loss."""
-    manifest = Manifest.load(data)
-    entry = manifest.shards[shard]
-    names = latent_tensor_names(manifest.latent_mode, manifest.flip_variants)
-    samples = []
-    for raw in read_pair_shard(data / entry.path, entry.num_samples):
-        tensors = decode_tensors(raw.tensors, names, raw.where)
-        tensors = {k: (torch.full_like(v, float("inf")) if "mean" in k else v) for k, v in tensors.items()}
-        samples.append({"__key__": raw.key, "json": raw.meta, "safetensors": encode_tensors(tensors)})
-    write_tar(data / entry.path, samples)
-
-
 def test_non_finite_steps_are_skipped_and_counted(tiny_sd15: Path, tmp_path: Path) -> None:
     data = write_latent_dataset(tmp_path / "data", family="sd15", num_pairs=16, shard_size=4)
-    _poison_shard(data, 1)
+    poison_pairs(data, 1, float("inf"))
     run_train(
         data,
         tiny_sd15,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,6 +240,12 @@ class PairCollator:
 
     def __init__(self, data_dir: Path, manifest: Manifest) -> None:
         self.manifest = manifest
+        if manifest.checksum is None:
+            warnings.warn(
+                f"{data_dir}: encoded before per-sample checksums; damaged files cannot be detected. "
+                "Re-encode it to add them.",
+                stacklevel=2,
+            )
         self.required = latent_tensor_names(manifest.latent_mode, manifest.flip_variants)
         self.text = TextEmbeddingStore(data_dir, manifest)
         self.is_sdxl = manifest.model_family == "sdxl"
@@ -274,8 +281,14 @@ class PairCollator:
         }
         resolution = self.manifest.resolution
         for i, raw in enumerate(batch):
+            tensors = decode_tensors(
+                raw.tensors,
+                self.required,
+                raw.where,
+                companion=raw.meta,
+                require_checksum=self.manifest.checksum is not None,
+            )
             meta = PairMeta.from_json_bytes(raw.meta, raw.where)
-            tensors = decode_tensors(raw.tensors, self.required, raw.where)
             flip = bool(flips[i])
             view = "_flip" if flip else ""
             for side, image in (("w", meta.w), ("l", meta.l)):
