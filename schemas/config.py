@@ -21,7 +21,11 @@ T = TypeVar("T")
 
 @dataclass
 class EncodeConfig:
-    src: str = ""  # parquet directory, glob, comma-separated list, or fsspec URL
+    src: str = ""  # directory, glob, brace pattern, comma-separated list, or fsspec URL (s3://...)
+    format: str = "pickapic"  # input layout: pickapic, preference (hub parquet) or webdataset (tars)
+    columns: str = (
+        ""  # preference/webdataset: ROLE=NAME,... e.g. caption=prompt,chosen=chosen,rejected=rejected
+    )
     out: str = ""
     model: str = ""  # hub id, local snapshot, or models/tiny-sd15
     resolution: int = 512
@@ -35,7 +39,9 @@ class EncodeConfig:
     )
     shard_size: int = 1000  # pair samples per tar
     text_shard_size: int = 5000  # caption embeddings per text tar
-    chunk_files: int = 32  # parquet files per chunk: the unit of atomic publish and of skipping on rerun
+    chunk_files: int = (
+        32  # input files (parquet or tar) per chunk: the unit of atomic publish and of skipping on rerun
+    )
     decode_batch_size: int = 32
     encode_batch_size: int = 16  # pairs per VAE call (4 images each with flips)
     text_batch_size: int = 64

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from schemas.atomic import atomic_write_json, read_json
+from schemas.storage import exists, join, read_json, write_json
 
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
@@ -53,13 +53,14 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, out_dir: str | Path) -> None:
-        atomic_write_json(Path(out_dir) / MANIFEST_NAME, asdict(self))
+        """The output's single commit point: written last, whole (a rename locally, one PUT on object storage)."""
+        write_json(join(out_dir, MANIFEST_NAME), asdict(self))
 
     @classmethod
     def load(cls, out_dir: str | Path) -> Manifest:
-        """Load and check a manifest; every error names the file and the offending key."""
-        path = Path(out_dir) / MANIFEST_NAME
-        if not path.exists():
+        """Load and check a manifest (a path or any fsspec URL); every error names the file and the offending key."""
+        path = join(out_dir, MANIFEST_NAME)
+        if not exists(path):
             raise FileNotFoundError(f"{path}: no manifest; is {out_dir} a finished encode output?")
         d = read_json(path)
         if not isinstance(d, dict):
@@ -97,11 +98,11 @@ class Report:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, out_dir: str | Path) -> None:
-        atomic_write_json(Path(out_dir) / REPORT_NAME, asdict(self))
+        write_json(join(out_dir, REPORT_NAME), asdict(self))
 
     @classmethod
     def load(cls, out_dir: str | Path) -> Report:
-        d = read_json(Path(out_dir) / REPORT_NAME)
+        d = read_json(join(out_dir, REPORT_NAME))
         return cls(**d)
 
 

@@ -11,17 +11,15 @@ extreme aspect) are converted.
 from __future__ import annotations
 
 import io
-import json
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import simplejpeg
 from PIL import Image
 
-from schemas.atomic import atomic_write_json
+from schemas import storage
 from schemas.manifest import DROP_EMPTY_IMAGE, DROP_NULL_IMAGE, DROP_UNDECODABLE_IMAGE
 from schemas.sample import ImageMeta, PairMeta, caption_key
 
@@ -157,7 +155,7 @@ def decode_pairs(
         out["w"].append(w_px)
         out["l"].append(l_px)
     if drops and drops_dir is not None:
-        atomic_write_json(Path(drops_dir) / f"{uuid.uuid4().hex}.json", drops)
+        storage.write_json(storage.join(drops_dir, f"{uuid.uuid4().hex}.json"), drops)
     empty = np.zeros((0, resolution, resolution, 3), np.uint8)
     return {
         "ranking_id": np.asarray(out["ranking_id"], dtype=np.int64),
@@ -176,9 +174,11 @@ def _with_uid(meta: ImageMeta, uid: Any) -> ImageMeta:
     )
 
 
-def read_drops(drops_dir: Path) -> dict[str, str]:
-    """Merge the per-task drop files: one reason per ranking_id however often a task ran."""
+def read_drops(drops_dir: str) -> dict[str, str]:
+    """Merge the per-task drop files (a directory or key prefix): one reason per ranking_id however often a task
+    ran."""
     merged: dict[str, str] = {}
-    for path in sorted(drops_dir.glob("*.json")) if drops_dir.is_dir() else []:
-        merged.update(json.loads(path.read_text()))
+    for name in storage.list_names(drops_dir):
+        if name.endswith(".json"):
+            merged.update(storage.read_json(storage.join(drops_dir, name)))
     return merged

@@ -1,12 +1,15 @@
-"""Pick-a-Pic parquet → winner-first VAE latents (WebDataset tars) + caption embeddings + manifest, with Ray Data.
+"""Preference pairs (Pick-a-Pic parquet, hub preference parquet, WebDataset tars) → winner-first VAE latents (WebDataset tars) + caption embeddings + manifest, with Ray Data.
 
 CLI: python -m stages.encode --src SRC --out OUT --model MODEL --resolution R [EncodeConfig flags]
      (also under `ray job submit --working-dir . -- python -m stages.encode ...`)
 
-Layout of OUT (the trainer trusts only manifest.json, written last):
-  pairs/chunk_K/*.tar + _part.json   one directory per `chunk_files` parquet files, published by rename
-  text/part_K/*.tar + _part.json     caption embeddings; a rerun only encodes captions not yet published
+SRC and OUT are local paths or any fsspec URL (s3://bucket/prefix with AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
+Layout of OUT (the trainer trusts only manifest.json, written last; nothing is ever renamed, as S3 has no rename):
+  pairs/chunk_K/*.tar + _part.json   one directory per `chunk_files` input files; `_part.json`, written last, lists
+                                     the chunk's tars and commits it (a rerun skips committed chunks)
+  text/part_K/*.tar + _part.json     caption embeddings, committed the same way; a rerun only encodes new captions
   _checkpoints/chunk_K/              Ray CheckpointConfig of the chunk in flight (row-level resume after kill -9)
+  _drops/chunk_K/                    per-task records of rows dropped while decoding, merged into `_part.json`
   _encode_config.json                the config of the first run; a different config on the same OUT is an error
   manifest.json, report.json
 """
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -25,13 +27,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from schemas.atomic import atomic_write_json, read_json
+from schemas import storage
 from schemas.config import EncodeConfig, config_to_dict, parse_config
 from schemas.manifest import MANIFEST_NAME, Manifest, Report, ShardEntry
 from schemas.sample import CHECKSUM, EMPTY_CAPTION, LATENT_MODES, PAIR_META_EXT, TENSORS_EXT, caption_key
 from stages.decode_images import read_drops
-from stages.read_pairs import REQUIRED_COLUMNS, InputError, Prescan, list_parquet_files, prescan, valid_labels
-from stages.write_shards import finalize_part, load_part, reset_dir
+from stages.formats import PairFormat, get_format
+from stages.read_pairs import REQUIRED_COLUMNS, InputError, Prescan, prescan, valid_labels
+from stages.write_shards import commit_part, load_part
 
 CONFIG_MARKER = "_encode_config.json"
 RUNTIME_KEYS = {
@@ -78,13 +81,14 @@ def check_config(config: EncodeConfig) -> None:
         raise InputError(f"{config.model}: not a diffusers model folder (no vae/ subfolder)")
 
 
-def previous_config(out: Path) -> dict[str, Any] | None:
-    if (out / MANIFEST_NAME).exists():
+def previous_config(out: str) -> dict[str, Any] | None:
+    if storage.exists(storage.join(out, MANIFEST_NAME)):
         return Manifest.load(out).encode_config
-    return read_json(out / CONFIG_MARKER) if (out / CONFIG_MARKER).exists() else None
+    marker = storage.join(out, CONFIG_MARKER)
+    return storage.read_json(marker) if storage.exists(marker) else None
 
 
-def compare_configs(previous: dict[str, Any], current: dict[str, Any], out: Path) -> None:
+def compare_configs(previous: dict[str, Any], current: dict[str, Any], out: str) -> None:
     keys = {k: v for k, v in previous.items() if k not in RUNTIME_KEYS}
     differing = sorted(k for k in keys.keys() | current.keys() if keys.get(k) != current.get(k))
     if differing:
@@ -100,17 +104,21 @@ def init_ray(address: str | None) -> bool:
     """Join `address` (or RAY_ADDRESS, as under `ray job submit`); otherwise start a private local cluster.
 
     Returns True when this process started Ray (and so shuts it down). A new local cluster gets at least 4 logical
-    CPUs: on a 2-CPU machine Ray Data's Write op otherwise starves behind decode tasks.
+    CPUs: on a 2-CPU machine Ray Data's Write op otherwise starves behind decode tasks. The storage settings of this
+    environment (AWS_*, FSSPEC_*) go to the workers with the job, so they reach the same object store; under
+    `ray job submit` the job's own runtime environment decides instead.
     """
     import ray
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    env = storage.storage_env()
+    runtime_env = {"env_vars": env} if env and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ else None
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=runtime_env)
     return True
 
 
@@ -126,7 +134,7 @@ def encoder_pool(num_encoders: int) -> dict[str, Any]:
     return {"compute": ray.data.ActorPoolStrategy(size=size), "num_cpus": 1}
 
 
-def encode_text(config: EncodeConfig, out: Path, captions: set[str]) -> None:
+def encode_text(config: EncodeConfig, out: str, captions: set[str]) -> None:
     """Encode the captions no published text part holds yet, into one new part."""
     import ray
     from ray.data import DataContext
@@ -134,15 +142,18 @@ def encode_text(config: EncodeConfig, out: Path, captions: set[str]) -> None:
     from stages.encode_text import CaptionEncoder
     from stages.write_shards import ShardNames
 
-    text_dir = out / "text"
+    text_dir = storage.join(out, "text")
     parts = published_parts(text_dir, "part_")
     known = {k for p in parts for k in p["keys"]}
     todo = sorted(c for c in captions | {EMPTY_CAPTION} if caption_key(c) not in known)
     if not todo:
         return
     k = len(parts)
-    tmp, final = text_dir / f"part_{k:05d}.tmp", text_dir / f"part_{k:05d}"
-    reset_dir(tmp)  # no row-level resume for text: a killed part is redone (captions are few and cheap)
+    part_dir = storage.join(text_dir, f"part_{k:05d}")
+    storage.remove(
+        part_dir
+    )  # no row-level resume for text: a killed part is redone (captions are few and cheap)
+    filesystem, path = storage.arrow_filesystem(part_dir)
     DataContext.get_current().checkpoint_config = None
     pool = encoder_pool(1)
     (
@@ -159,19 +170,21 @@ def encode_text(config: EncodeConfig, out: Path, captions: set[str]) -> None:
         )
         .repartition(target_num_rows_per_block=config.text_shard_size, strict=True)
         .write_webdataset(
-            str(tmp),
+            path,
+            filesystem=filesystem,
             min_rows_per_file=config.text_shard_size,
             filename_provider=ShardNames("text"),
             encoder=None,
         )
     )
-    part = finalize_part(tmp, final, TEXT_MEMBERS, {"captions": len(todo)})
+    part = commit_part(part_dir, TEXT_MEMBERS, {"captions": len(todo)})
     print(f"encode: text part {k}: {part['num_samples']} caption embeddings", flush=True)
 
 
-def encode_chunk(config: EncodeConfig, out: Path, k: int, files: list[str], scan: Prescan) -> dict[str, Any]:
+def encode_chunk(
+    config: EncodeConfig, out: str, k: int, fmt: PairFormat, files: list[str], scan: Prescan
+) -> dict[str, Any]:
     """One Ray Data job over `files` → OUT/pairs/chunk_K, resumable row by row through CheckpointConfig."""
-    import ray
     from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig
 
@@ -180,23 +193,29 @@ def encode_chunk(config: EncodeConfig, out: Path, k: int, files: list[str], scan
     from stages.read_pairs import row_filter
     from stages.write_shards import ShardNames, drop_ranking_id, to_pair_samples
 
-    tmp, final = out / "pairs" / f"chunk_{k:05d}.tmp", out / "pairs" / f"chunk_{k:05d}"
-    ckpt = out / "_checkpoints" / f"chunk_{k:05d}"
-    if not ckpt.exists():
-        reset_dir(tmp)  # no committed rows: whatever a killed run left in tmp is unaccounted for
-    drops_dir = tmp / "_drops"
-    drops_dir.mkdir(parents=True, exist_ok=True)
+    name = f"chunk_{k:05d}"
+    part_dir = storage.join(out, "pairs", name)
+    ckpt = storage.join(out, "_checkpoints", name)
+    drops_dir = storage.join(out, "_drops", name)
+    if not storage.exists(ckpt):  # no committed rows: whatever a killed run left is unaccounted for
+        storage.remove(part_dir)
+        storage.remove(drops_dir)
+    ckpt_fs, ckpt_path = storage.arrow_filesystem(ckpt)
     DataContext.get_current().checkpoint_config = CheckpointConfig(
-        id_column="ranking_id", checkpoint_path=str(ckpt), delete_checkpoint_on_success=False
+        id_column="ranking_id",
+        checkpoint_path=ckpt_path,
+        override_filesystem=ckpt_fs,
+        delete_checkpoint_on_success=False,
     )
+    filesystem, path = storage.arrow_filesystem(part_dir)
     (
-        ray.data.read_parquet(files)
+        fmt.dataset(files)
         .filter(expr=row_filter(config.tie_policy))
         .select_columns(list(REQUIRED_COLUMNS))
         .map_batches(
             decode_pairs,
             batch_size=config.decode_batch_size,
-            fn_kwargs={"resolution": config.resolution, "drops_dir": str(drops_dir)},
+            fn_kwargs={"resolution": config.resolution, "drops_dir": drops_dir},
         )
         .map_batches(
             LatentEncoder,
@@ -213,7 +232,8 @@ def encode_chunk(config: EncodeConfig, out: Path, k: int, files: list[str], scan
         .map_batches(to_pair_samples, batch_size=config.shard_size)
         .repartition(target_num_rows_per_block=config.shard_size, strict=True)
         .write_webdataset(
-            str(tmp),
+            path,
+            filesystem=filesystem,
             min_rows_per_file=config.shard_size,
             filename_provider=ShardNames("pairs"),
             encoder=drop_ranking_id,
@@ -222,25 +242,21 @@ def encode_chunk(config: EncodeConfig, out: Path, k: int, files: list[str], scan
     DataContext.get_current().checkpoint_config = None
     dropped = scan.dropped(files)
     dropped.update(read_drops(drops_dir).values())
-    shutil.rmtree(drops_dir)
     rows_read = sum(scan.per_file[f].rows for f in files)
-    part = finalize_part(
-        tmp,
-        final,
+    return commit_part(
+        part_dir,
         PAIR_MEMBERS,
         {"files": files, "rows_read": rows_read, "dropped": dict(sorted(dropped.items()))},
     )
-    shutil.rmtree(ckpt, ignore_errors=True)
-    return part
 
 
-def published_parts(parent: Path, prefix: str) -> list[dict[str, Any]]:
-    """`_part.json` of every published `<prefix>K` directory, in K order, each with its directory name added."""
+def published_parts(parent: str, prefix: str) -> list[dict[str, Any]]:
+    """`_part.json` of every committed `<prefix>K` directory, in K order, each with its directory name added."""
     parts = []
-    for d in sorted(parent.glob(f"{prefix}*")) if parent.is_dir() else []:
-        part = load_part(d) if d.is_dir() and not d.name.endswith(".tmp") else None
+    for name in storage.list_names(parent):
+        part = load_part(storage.join(parent, name)) if name.startswith(prefix) else None
         if part is not None:
-            parts.append({**part, "dir": d.name})
+            parts.append({**part, "dir": name})
     return parts
 
 
@@ -272,19 +288,19 @@ def versions() -> dict[str, str]:
     return {"code": _code_version(), **{lib: importlib.metadata.version(lib) for lib in libs}}
 
 
-def text_shapes(out: Path, entry: ShardEntry) -> tuple[list[int], int | None]:
+def text_shapes(out: str, entry: ShardEntry) -> tuple[list[int], int | None]:
     """[77, D] and the pooled dim, read from a stored text sample rather than re-derived from model configs."""
     import tarfile
 
     from safetensors.torch import load as load_safetensors
 
-    with tarfile.open(out / entry.path) as tar:
+    with storage.open_read(storage.join(out, entry.path)) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         tensors = load_safetensors(tar.extractfile(tar.next()).read())
     pooled = tensors.get("pooled_prompt_embeds")
     return list(tensors["prompt_embeds"].shape), (int(pooled.shape[0]) if pooled is not None else None)
 
 
-def write_manifest(config: EncodeConfig, out: Path, chunks: list[dict[str, Any]]) -> Manifest:
+def write_manifest(config: EncodeConfig, out: str, chunks: list[dict[str, Any]]) -> Manifest:
     from diffusers import AutoencoderKL
 
     from stages.encode_text import is_sdxl
@@ -292,7 +308,7 @@ def write_manifest(config: EncodeConfig, out: Path, chunks: list[dict[str, Any]]
     shards = [
         ShardEntry(f"pairs/{c['dir']}/{s['path']}", s["num_samples"]) for c in chunks for s in c["shards"]
     ]
-    texts = published_parts(out / "text", "part_")
+    texts = published_parts(storage.join(out, "text"), "part_")
     text_shards = [
         ShardEntry(f"text/{p['dir']}/{s['path']}", s["num_samples"]) for p in texts for s in p["shards"]
     ]
@@ -323,7 +339,7 @@ def write_manifest(config: EncodeConfig, out: Path, chunks: list[dict[str, Any]]
         # parts published by an encode from before checksums have none; then nothing can be verified
         checksum=CHECKSUM if all(p.get("checksum") == CHECKSUM for p in [*chunks, *texts]) else None,
     )
-    manifest.check(out / MANIFEST_NAME)
+    manifest.check(storage.join(out, MANIFEST_NAME))
     manifest.save(out)
     return manifest
 
@@ -336,37 +352,40 @@ def run(config: EncodeConfig) -> Report | None:
     """Encode `config.src` into `config.out`; None when a finished output with the same config exists."""
     t0 = time.perf_counter()
     check_config(config)
-    out = Path(config.out).absolute()  # Ray workers and the checkpoint store need absolute paths
+    out = storage.local_path(config.out)  # Ray workers and the checkpoint store need absolute paths
     previous = previous_config(out)
     if previous is not None:
         compare_configs(previous, output_config(config), out)
-        if (out / MANIFEST_NAME).exists():
+        if storage.exists(storage.join(out, MANIFEST_NAME)):
             print(f"encode: {out}/{MANIFEST_NAME} exists with the same config; nothing to do")
             return None
-    _, files = list_parquet_files(config.src)
-    scan = prescan(files, config.tie_policy)
+    fmt = get_format(config.format, config.src, config.columns)
+    files = fmt.list_inputs()
+    scan = prescan(fmt, files, config.tie_policy)
     chunks = [files[i : i + config.chunk_files] for i in range(0, len(files), config.chunk_files)]
     print(
-        f"encode: {len(files)} parquet files, {scan.rows_read} rows, {len(scan.captions)} unique captions, "
+        f"encode: {len(files)} {config.format} files, {scan.rows_read} rows, {len(scan.captions)} unique captions, "
         f"{len(chunks)} chunks → {out}",
         flush=True,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / CONFIG_MARKER, output_config(config))
+    if not storage.is_remote(out):
+        os.makedirs(out, exist_ok=True)
+    storage.write_json(storage.join(out, CONFIG_MARKER), output_config(config))
     started_ray = init_ray(config.ray_address)
     try:
         encode_text(config, out, scan.captions)
         done, encoded_rows = [], 0
         for k, chunk_files in enumerate(chunks):
-            final = out / "pairs" / f"chunk_{k:05d}"
-            part = load_part(final)
+            name = f"chunk_{k:05d}"
+            part = load_part(storage.join(out, "pairs", name))
             if part is not None and part["files"] != chunk_files:
                 raise InputError(
-                    f"{final}: encoded from other files than chunk {k} of {config.src} now lists"
+                    f"{storage.join(out, 'pairs', name)}: encoded from other files than chunk {k} of "
+                    f"{config.src} now lists"
                 )
             if part is None:
                 tc = time.perf_counter()
-                part = encode_chunk(config, out, k, chunk_files, scan)
+                part = encode_chunk(config, out, k, fmt, chunk_files, scan)
                 encoded_rows += part["num_samples"]
                 print(
                     f"encode: chunk {k + 1}/{len(chunks)}: {part['num_samples']} pairs in "
@@ -375,10 +394,9 @@ def run(config: EncodeConfig) -> Report | None:
                 )
             else:
                 print(f"encode: chunk {k + 1}/{len(chunks)} already published, skipped", flush=True)
-            shutil.rmtree(
-                out / "_checkpoints" / final.name, ignore_errors=True
-            )  # a kill after publish leaves it
-            done.append({**part, "dir": final.name})
+            for leftover in ("_checkpoints", "_drops"):  # a kill between commit and clean-up leaves them
+                storage.remove(storage.join(out, leftover, name))
+            done.append({**part, "dir": name})
         manifest = write_manifest(config, out, done)
     finally:
         if started_ray:
@@ -390,7 +408,7 @@ def run(config: EncodeConfig) -> Report | None:
 
 def write_report(
     config: EncodeConfig,
-    out: Path,
+    out: str,
     manifest: Manifest,
     chunks: list[dict[str, Any]],
     encoded_rows: int,
@@ -400,7 +418,7 @@ def write_report(
     for c in chunks:
         for reason, n in c["dropped"].items():
             dropped[reason] = dropped.get(reason, 0) + n
-    pair_bytes = sum((out / s.path).stat().st_size for s in manifest.shards)
+    pair_bytes = sum(storage.size(storage.join(out, s.path)) for s in manifest.shards)
     images_per_row = 4 if config.flip else 2
     report = Report(
         rows_read=sum(c["rows_read"] for c in chunks),
@@ -420,7 +438,7 @@ def write_report(
         f"encode: done in {seconds:.1f}s: {report.rows_written}/{report.rows_read} rows written, "
         f"{report.extra['rows_per_s']} rows/s, {report.extra['images_per_s']} images/s (VAE inputs incl. flips), "
         f"dropped {report.dropped or 'nothing'}, {report.extra['bytes_per_pair']} bytes/pair, "
-        f"{manifest.num_text_samples} caption embeddings → {out / MANIFEST_NAME}",
+        f"{manifest.num_text_samples} caption embeddings → {storage.join(out, MANIFEST_NAME)}",
         flush=True,
     )
     return report

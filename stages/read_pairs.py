@@ -1,26 +1,28 @@
-"""Find the Pick-a-Pic parquet files and pre-scan their cheap columns on the driver, before any Ray work.
+"""Find the input files and pre-scan their cheap columns (through the format's `scan`) on the driver, before any Ray
+work.
 
-Why a pre-scan: a file-level problem (unreadable file, missing column, duplicate ranking_id) must stop the job with a
-message naming the file before anything is published, and the label/caption drops, the row count and the set of
-unique captions all come from three small columns, without touching the JPEG bytes.
+Why a pre-scan: a file-level problem (unreadable file, missing column or member, wrong type, duplicate ranking_id)
+must stop the job with a message naming the file before anything is published, and the label/caption drops, the row
+count and the set of unique captions all come from three small columns, without decoding any image.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from schemas.manifest import DROP_BAD_LABEL, DROP_NULL_CAPTION, DROP_TIE
 
+if TYPE_CHECKING:
+    from stages.formats import PairFormat
+
 REQUIRED_COLUMNS = ("ranking_id", "caption", "jpg_0", "jpg_1", "label_0", "image_0_uid", "image_1_uid")
-SCAN_COLUMNS = ["ranking_id", "label_0", "caption"]
 TIE_POLICIES = ("drop", "keep")
 TIE_LABEL = 0.5
 
@@ -48,35 +50,58 @@ def _is_hidden(path: str, root: str) -> bool:
     return any(part.startswith(".") for part in rel.split("/") if part)
 
 
-def list_parquet_files(src: str) -> tuple[str, list[str]]:
-    """SRC (directory, glob, comma-separated list, or fsspec URL) → (protocol, sorted unique paths).
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # plain for local files, a URL that Ray and fsspec both open otherwise
+    relative: str  # below the directory the SRC part names: what stable ids are derived from
 
-    Directories are searched recursively and only `*.parquet` files are kept (a hub snapshot also holds README,
-    .gitattributes, ...). Local paths come back plain; remote ones as URLs that Ray and fsspec both open.
+
+def list_files(src: str, suffix: str) -> list[InputFile]:
+    """SRC (directory, glob, brace pattern `x-{000..009}.tar`, comma-separated list, or fsspec URL) → the files
+    ending in `suffix`, sorted and unique.
+
+    Directories are searched recursively (a hub snapshot also holds README, .gitattributes, ...). A file's relative
+    name is taken below the directory its SRC part names, so the same data copied elsewhere (local ↔ s3://) keeps
+    the same relative names, and so the same stable ids.
     """
-    protocols, files = set(), set()
+    from braceexpand import braceexpand
+
+    protocols, files = set(), {}
     for part in (p.strip() for p in src.split(",")):
         if not part:
             continue
-        fs, path = fsspec.core.url_to_fs(part)
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        protocols.add("file" if protocol == "local" else protocol)
-        if fs.isdir(path):
-            found = [p for p in fs.find(path) if p.endswith(".parquet") and not _is_hidden(p, path)]
-        elif any(c in path for c in "*?["):
-            found = [p for p in fs.glob(path) if p.endswith(".parquet") and fs.isfile(p)]
-        elif fs.isfile(path):
-            found = [path]
-        else:
-            raise InputError(f"{part}: no such file or directory")
-        if not found:
-            raise InputError(f"{part}: no .parquet files found")
-        files.update(fs.unstrip_protocol(p) if protocols != {"file"} else p for p in found)
+        for expanded in braceexpand(part):
+            fs, path = fsspec.core.url_to_fs(expanded)
+            protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+            protocols.add("file" if protocol == "local" else protocol)
+            if fs.isdir(path):
+                root = path.rstrip("/")
+                found = [p for p in fs.find(path) if p.endswith(suffix) and not _is_hidden(p, path)]
+            elif any(c in path for c in "*?["):
+                root = path[: min(path.index(c) for c in "*?[" if c in path)].rpartition("/")[0]
+                found = [p for p in fs.glob(path) if p.endswith(suffix) and fs.isfile(p)]
+            elif fs.isfile(path):
+                root, found = path.rpartition("/")[0], [path]
+            else:
+                raise InputError(f"{expanded}: no such file or directory")
+            if not found:
+                raise InputError(f"{expanded}: no {suffix} files found")
+            for p in found:
+                url = p if protocols == {"file"} else fs.unstrip_protocol(p)
+                files[url] = InputFile(url, p[len(root) :].lstrip("/"))
     if len(protocols) > 1:
         raise InputError(f"{src}: mixes filesystems {sorted(protocols)}; use one")
     if not files:
         raise InputError(f"{src!r}: no input given")
-    return protocols.pop(), sorted(files)
+    return [files[k] for k in sorted(files)]
+
+
+def list_parquet_files(src: str) -> tuple[str, list[str]]:
+    """SRC → (protocol, sorted parquet paths); see `list_files`."""
+    found = list_files(src, ".parquet")
+    protocol = fsspec.core.url_to_fs(found[0].path)[0].protocol
+    protocol = protocol if isinstance(protocol, str) else protocol[0]
+    return ("file" if protocol == "local" else protocol), [f.path for f in found]
 
 
 @dataclass
@@ -102,24 +127,9 @@ class Prescan:
         return total
 
 
-def _read_cheap_columns(path: str) -> pa.Table:
-    try:
-        with fsspec.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            names = set(pf.schema_arrow.names)
-            missing = [c for c in REQUIRED_COLUMNS if c not in names]
-            if missing:
-                raise InputError(f"{path}: missing required column {missing[0]!r} (missing: {missing})")
-            return pf.read(columns=SCAN_COLUMNS)
-    except InputError:
-        raise
-    except Exception as e:  # pyarrow/fsspec raise many types for corrupt or unreadable files
-        raise InputError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from e
-
-
-def scan_file(path: str, tie_policy: str) -> tuple[FileScan, pa.Table]:
+def scan_file(fmt: PairFormat, path: str, tie_policy: str) -> tuple[FileScan, pa.Table]:
     """Count the label/caption drops of one file; returns the scan and its (ranking_id, caption) of kept rows."""
-    table = _read_cheap_columns(path)
+    table = fmt.scan(path)
     if table["ranking_id"].null_count:
         raise InputError(f"{path}: column 'ranking_id' has {table['ranking_id'].null_count} null values")
     label = table["label_0"]
@@ -141,12 +151,12 @@ def scan_file(path: str, tie_policy: str) -> tuple[FileScan, pa.Table]:
     return FileScan(len(table), {k: v for k, v in dropped.items() if v}), table.filter(keep)
 
 
-def prescan(files: list[str], tie_policy: str) -> Prescan:
+def prescan(fmt: PairFormat, files: list[str], tie_policy: str) -> Prescan:
     """Scan every file; a duplicate ranking_id among kept rows (the resume key) is an error naming both files."""
     result = Prescan(files=files, per_file={})
     ids, owners = [], []
     for i, path in enumerate(files):
-        scan, kept = scan_file(path, tie_policy)
+        scan, kept = scan_file(fmt, path, tie_policy)
         result.per_file[path] = scan
         result.captions.update(kept["caption"].to_pylist())
         ids.append(kept["ranking_id"].to_numpy())

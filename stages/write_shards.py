@@ -1,22 +1,22 @@
-"""Pair samples → WebDataset tars via Ray, and the publish step that makes a chunk's tars visible all at once.
+"""Pair samples → WebDataset tars via Ray, and the commit step that makes a chunk's tars count all at once.
 
-Ray's `write_webdataset` writes straight to final paths, so tars are written into `<name>.tmp/`, checked member by
-member with tarfile (a truncated or partial tar fails here, not in the trainer), described in `_part.json`, and only
-then renamed into place. A published directory is complete by construction; the manifest lists only those.
+Ray's `write_webdataset` writes straight to final paths and object storage has no rename, so a part directory
+(`pairs/chunk_K/`, `text/part_K/`) gets tars under unique names (Ray's write_uuid), each then read through with
+tarfile (a truncated or partial tar fails here, not in the trainer), and `_part.json`, listing exactly those tars,
+is written last as the part's single commit point. A directory without `_part.json` is not published; tars a
+killed run left beside a `_part.json` are not listed, so nobody reads them. The manifest lists only listed tars.
 """
 
 from __future__ import annotations
 
-import shutil
 import tarfile
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ray.data.datasource import FilenameProvider
 
-from schemas.atomic import atomic_write_json, publish_dir, read_json
+from schemas import storage
 from schemas.sample import CHECKSUM, PAIR_META_EXT, TENSORS_EXT, encode_tensors, pair_key
 
 PART_INFO = "_part.json"  # per published directory: its tars with sample counts, plus what the stage recorded
@@ -63,36 +63,38 @@ def drop_ranking_id(sample: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in sample.items() if k != "ranking_id"}
 
 
-def scan_tar(path: Path, required: tuple[str, ...]) -> list[str]:
-    """Read a tar to the end; returns its keys in order. Raises ValueError naming the tar and key when a sample
-    lacks a member or has an unexpected one (only .json/.safetensors are allowed: nothing pickled)."""
+def scan_tar(url: str, required: tuple[str, ...]) -> list[str]:
+    """Read a tar to the end, front to back; returns its keys in order. Raises ValueError naming the tar and key
+    when a sample lacks a member or has an unexpected one (only .json/.safetensors are allowed: nothing pickled)."""
     members: dict[str, set[str]] = {}
     try:
-        with tarfile.open(path) as tar:
+        with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for info in tar:
                 key, _, ext = info.name.partition(".")
                 members.setdefault(key, set()).add(ext)
     except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"{path}: unreadable tar ({e})") from e
+        raise ValueError(f"{url}: unreadable tar ({e})") from e
     for key, exts in members.items():
         if exts != set(required):
-            raise ValueError(f"{path}: sample {key} has members {sorted(exts)}, expected {sorted(required)}")
+            raise ValueError(f"{url}: sample {key} has members {sorted(exts)}, expected {sorted(required)}")
     return list(members)
 
 
-def finalize_part(tmp: Path, final: Path, required: tuple[str, ...], info: dict[str, Any]) -> dict[str, Any]:
-    """Check every tar under `tmp`, drop empty ones, write `_part.json` and publish `tmp` as `final`."""
+def commit_part(part_dir: str, required: tuple[str, ...], info: dict[str, Any]) -> dict[str, Any]:
+    """Check every tar in `part_dir`, drop empty ones, and commit the part by writing its `_part.json` last."""
     shards, keys = [], Counter()
-    for tar in sorted(tmp.glob("*.tar")):
-        tar_keys = scan_tar(tar, required)
+    for name in storage.list_names(part_dir):
+        if not name.endswith(".tar"):
+            continue
+        tar_keys = scan_tar(storage.join(part_dir, name), required)
         if not tar_keys:
-            tar.unlink()  # a write task that got no rows (e.g. every row already checkpointed)
+            storage.remove(storage.join(part_dir, name))  # a write task that got no rows (all checkpointed)
             continue
         keys.update(tar_keys)
-        shards.append({"path": tar.name, "num_samples": len(tar_keys)})
+        shards.append({"path": name, "num_samples": len(tar_keys)})
     duplicates = [k for k, n in keys.items() if n > 1]
     if duplicates:
-        raise ValueError(f"{tmp}: {len(duplicates)} keys written twice, e.g. {duplicates[0]}")
+        raise ValueError(f"{part_dir}: {len(duplicates)} keys written twice, e.g. {duplicates[0]}")
     part = {
         **info,
         "checksum": CHECKSUM,  # every member went through encode_tensors, which records one
@@ -100,18 +102,11 @@ def finalize_part(tmp: Path, final: Path, required: tuple[str, ...], info: dict[
         "num_samples": sum(s["num_samples"] for s in shards),
         "keys": sorted(keys),
     }
-    atomic_write_json(tmp / PART_INFO, part)
-    publish_dir(tmp, final)
+    storage.write_json(storage.join(part_dir, PART_INFO), part)
     return part
 
 
-def load_part(final: Path) -> dict[str, Any] | None:
-    """A published directory's `_part.json`, or None when it is not published."""
-    path = final / PART_INFO
-    return read_json(path) if path.exists() else None
-
-
-def reset_dir(path: Path) -> Path:
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
+def load_part(part_dir: str) -> dict[str, Any] | None:
+    """A committed part's `_part.json`, or None when the part is not committed."""
+    path = storage.join(part_dir, PART_INFO)
+    return storage.read_json(path) if storage.exists(path) else None

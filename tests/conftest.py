@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.ray_cluster",
     "tests.fixtures.latent_datasets",
+    "tests.fixtures.s3",
 ]

@@ -320,15 +320,15 @@ def test_kill9_then_rerun_publishes_exactly_the_same_rows(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:  # kill while chunk 0 is being written: a tar exists in its .tmp dir
-        tmp = out / "pairs" / "chunk_00000.tmp"
-        while proc.poll() is None and not list(tmp.glob("*.tar")):
+    try:  # kill while chunk 0 is being written: a tar exists in its directory, which has no _part.json yet
+        part = out / "pairs" / "chunk_00000"
+        while proc.poll() is None and not list(part.glob("*.tar")):
             time.sleep(0.05)
         assert proc.poll() is None, "finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    assert not (out / "manifest.json").exists()
+    assert not (out / "manifest.json").exists() and not (part / "_part.json").exists()
     r = encode(args, ray_cluster)
     assert r.returncode == 0, r.stderr[-3000:]
     got, want = read_samples(out), read_samples(sd15_out)

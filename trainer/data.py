@@ -11,6 +11,9 @@ Layout of the stream (recipe D of the design notes, plus cross-shard mixing):
 * Resuming at loader batch n therefore needs only n: each worker computes where its logical stream stands from the
   manifest's per-shard counts and opens just the group it lands in.
 
+`data_dir` is a path or any fsspec URL (s3://…): shards are streamed front to back (sequential reads with
+read-ahead, never downloaded first), and resume still needs only the manifest's counts.
+
 The loader must NOT go through `accelerator.prepare`, which would shard the already rank-sharded stream again.
 """
 
@@ -28,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from schemas import storage
 from schemas.manifest import Manifest
 from schemas.sample import PAIR_META_EXT, TENSORS_EXT, PairMeta, decode_tensors, latent_tensor_names
 from trainer.text_store import TextEmbeddingStore
@@ -53,14 +57,15 @@ class _RawPair:
     tensors: bytes
 
 
-def read_pair_shard(path: Path, expected: int) -> list[_RawPair]:
-    """All pair samples of one tar, in file order; only .json and .safetensors members are read.
+def read_pair_shard(path: str, expected: int) -> list[_RawPair]:
+    """All pair samples of one tar (a path or any fsspec URL), in file order, streamed front to back: sequential
+    reads only, no download first. Only .json and .safetensors members are read.
 
     The count must match the manifest: resume positions are computed from the manifest counts alone.
     """
     out = []
     try:
-        with open(path, "rb") as stream:
+        with storage.open_read(path) as stream:
             members = tar_file_expander(
                 [{"url": str(path), "stream": stream}], select_files=lambda name: name.endswith(_MEMBER_EXTS)
             )
@@ -159,7 +164,7 @@ class LatentPairStream(IterableDataset):
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout {caption_dropout} outside [0, 1]")
-        self.data_dir = Path(data_dir)
+        self.data_dir = storage.local_path(data_dir)
         self.manifest = Manifest.load(self.data_dir)
         if self.manifest.num_samples == 0:
             raise ValueError(f"{self.data_dir}: manifest lists no pair samples")
@@ -196,7 +201,7 @@ class LatentPairStream(IterableDataset):
         samples: list[_RawPair] = []
         for shard in self.sequence.shard_at(positions):
             entry = self.manifest.shards[shard]
-            samples.extend(read_pair_shard(self.data_dir / entry.path, entry.num_samples))
+            samples.extend(read_pair_shard(storage.join(self.data_dir, entry.path), entry.num_samples))
         order = np.random.default_rng([self.seed, slot, group]).permutation(len(samples))
         return [samples[i] for i in order]
 
@@ -238,7 +243,7 @@ class LatentPairStream(IterableDataset):
 class PairCollator:
     """Decodes raw pair samples into a training batch: scaled latents, text embeddings, labels, SDXL time ids."""
 
-    def __init__(self, data_dir: Path, manifest: Manifest) -> None:
+    def __init__(self, data_dir: str, manifest: Manifest) -> None:
         self.manifest = manifest
         if manifest.checksum is None:
             warnings.warn(
@@ -346,7 +351,7 @@ def iter_eval_batches(
 ) -> Iterator[dict]:
     """Every pair once, in manifest order, deterministically: posterior means, no flip, no caption dropout."""
     os.environ.setdefault("WDS_SECURE", "1")
-    data_dir = Path(data_dir)
+    data_dir = storage.local_path(data_dir)
     manifest = Manifest.load(data_dir)
     collate = PairCollator(data_dir, manifest)
     limit = manifest.num_samples if max_pairs is None else min(max_pairs, manifest.num_samples)
@@ -355,7 +360,7 @@ def iter_eval_batches(
     for entry in manifest.shards:
         if done + len(pending) >= limit:
             break
-        pending.extend(read_pair_shard(data_dir / entry.path, entry.num_samples))
+        pending.extend(read_pair_shard(storage.join(data_dir, entry.path), entry.num_samples))
         pending = pending[: limit - done]
         while len(pending) >= batch_size or (pending and done + len(pending) == limit):
             batch, pending = pending[:batch_size], pending[batch_size:]
