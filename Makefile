@@ -22,7 +22,7 @@ DEMO_VAL_ROWS ?= 400
 export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models data encode train demo test lint bench bench-gpu clean
+.PHONY: setup models data encode train demo test lint bench bench-losses bench-gpu clean
 # The stamps and manifests of the chained rules below are real outputs, not intermediates make may delete.
 .SECONDARY:
 
@@ -84,6 +84,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run --out BENCHMARKS.md
+
+# Every --loss with the demo's config and step budget, scored on the held-out pairs against the base model.
+bench-losses: models/tiny-sd15/.pretrained data/encoded/tiny-sd15/train/manifest.json \
+  data/encoded/tiny-sd15/validation/manifest.json
+	$(PY) -m bench.losses --data data/encoded/tiny-sd15/train --val-data data/encoded/tiny-sd15/validation \
+	  --model models/tiny-sd15 --out BENCHMARKS_LOSSES.md
 
 # On a GPU machine: real SD1.5/SDXL architectures (random init), bf16. Writes BENCHMARKS_GPU.md.
 bench-gpu: $(STAMP)

@@ -43,17 +43,21 @@ def median_of(repeat: int, fn: Callable[[], float]) -> float:
 
 
 def run_cli(args: list[str], env: dict[str, str] | None = None) -> dict:
-    """Run a project CLI and return the JSON object on its last stdout line."""
-    r = subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    """Run a project CLI and return the JSON object on its last stdout line, plus `peak_rss_mib`: the process's
+    peak resident memory, from its own rusage (os.wait4), so each run is measured apart from the others."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *args], cwd=REPO, stdout=out, stderr=err, env={**os.environ, **(env or {})}
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed:\n{err.read()[-3000:]}")
+        result = json.loads(out.read().strip().splitlines()[-1])
+    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
+    return result
 
 
 def sd15_stream_dataset(work: Path, num_pairs: int) -> Path:
@@ -314,9 +318,10 @@ def bench_train(work: Path, latent_data: Path, steps: int, repeat: int) -> str:
         "DPO, full fine-tune": [],
         "DPO, LoRA rank 8": ["--lora-rank", "8"],
         "SFT (preferred only)": ["--loss", "sft"],
+        "MaPO (reference-free)": ["--loss", "mapo"],
     }
     for name, extra in variants.items():
-        rates = []
+        rates, memory = [], []
         for i in range(repeat):
             result = run_cli(
                 [
@@ -346,13 +351,23 @@ def bench_train(work: Path, latent_data: Path, steps: int, repeat: int) -> str:
                 ]
             )
             rates.append(result["pairs_per_s"])
-        rows.append([name, f"{statistics.median(rates):.0f}", ", ".join(f"{r:.0f}" for r in rates)])
+            memory.append(result["peak_rss_mib"])
+        rows.append(
+            [
+                name,
+                f"{statistics.median(rates):.0f}",
+                ", ".join(f"{r:.0f}" for r in rates),
+                f"{statistics.median(memory):.0f}",
+            ]
+        )
     return (
         "### Trainer step rate, tiny SD1.5 UNet (0.8 M parameters, 8×8 latents), CPU\n\n"
         f"`python -m trainer.train --data OUT --model models/.init/tiny-sd15 --max-steps {steps} "
         "--batch-size 16 --num-workers 1 --checkpoint-every 0 …` on the encode output above — fp32, "
-        "whole-run pairs/s as the trainer reports it (policy forward + backward on both images, reference "
-        "forward on both).\n\n" + table(["objective", "pairs/s (median)", "runs"], rows)
+        "whole-run pairs/s as the trainer reports it (policy forward + backward on both images, plus a reference "
+        "forward on both except for the reference-free SFT and MaPO, which load no reference UNet) and the "
+        "trainer process's peak RSS. All variants use the same batch of 16 pairs.\n\n"
+        + table(["objective", "pairs/s (median)", "runs", "peak RSS MiB (median)"], rows)
     )
 
 

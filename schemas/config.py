@@ -57,8 +57,21 @@ class TrainConfig:
     output_dir: str = "runs/dpo"
     val_data: str | None = None
     # objective
-    loss: str = "dpo"  # "dpo", "sft" (preferred images only) or "diffusion" (plain denoising on both images)
-    beta: float = 5000.0
+    # dpo cdpo ipo hinge dmpo mapo kto dspo sft (preferred images only) diffusion (plain denoising on both images)
+    loss: str = "dpo"
+    beta: float | None = (
+        None  # None: the loss's published β for the model family (README, "Preference losses")
+    )
+    label_smoothing: float | None = None  # cdpo ε (None: 0.1)
+    dmpo_alpha: float | None = None  # dmpo α (None: 0.01)
+    mapo_scale: float | None = None  # mapo s (None: 0.5)
+    mapo_temperature: float | None = None  # mapo T (None: the scheduler's num_train_timesteps)
+    kto_lambda_desirable: float | None = None  # kto λ_D (None: 1)
+    kto_lambda_undesirable: float | None = None  # kto λ_U (None: 1)
+    kto_reference_point: str = (
+        "mismatched"  # kto z0 from "mismatched" image/caption pairs or the "batch" itself
+    )
+    sdpo_mu: float = 0.0  # > 0: wrap dpo, cdpo, dmpo or dspo in the Diffusion-SDPO safeguard with this μ
     caption_dropout: float = 0.2
     # optimisation
     seed: int = 0

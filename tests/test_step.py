@@ -86,12 +86,16 @@ def _prefetched(cfg: TrainConfig, accelerator: Accelerator, n: int) -> Iterator[
     return iter(list(itertools.islice(training_batches(cfg, accelerator, 0), n)))
 
 
-@pytest.mark.parametrize("loss", ["dpo", "sft"])
+@pytest.mark.parametrize(
+    "objective",
+    [{"loss": "dpo"}, {"loss": "sft"}, {"loss": "kto"}, {"loss": "dspo", "sdpo_mu": 0.2}],
+    ids=["dpo", "sft", "kto", "dspo-sdpo"],
+)
 def test_one_host_sync_per_optimizer_step(
-    tiny_sd15: Path, latent_sd15: Path, monkeypatch: pytest.MonkeyPatch, loss: str
+    tiny_sd15: Path, latent_sd15: Path, monkeypatch: pytest.MonkeyPatch, objective: dict
 ) -> None:
     accumulation, steps = 4, 3
-    cfg, trainer, accelerator = _trainer(tiny_sd15, latent_sd15, accumulation, loss=loss)
+    cfg, trainer, accelerator = _trainer(tiny_sd15, latent_sd15, accumulation, **objective)
     batches = _prefetched(cfg, accelerator, accumulation * steps)
     reads = HostReads(monkeypatch)
     state = TrainState()

@@ -242,7 +242,7 @@ def test_data_only_reports_pairs_per_s(latent_sd15: Path, capsys: pytest.Capture
 
 def test_bad_config_names_the_problem(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--loss must be one of"):
-        train.main(["--data", str(tmp_path), "--model", "m", "--loss", "kto"])
+        train.main(["--data", str(tmp_path), "--model", "m", "--loss", "nope"])
 
 
 @pytest.mark.parametrize(("threshold", "code"), [(0.0, 0), (1.01, 1)])

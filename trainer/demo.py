@@ -33,7 +33,6 @@ def held_out_accuracy(cfg: TrainConfig, unet_dir: str | None, groups: dict[str, 
         batch_size=cfg.batch_size,
         max_pairs=cfg.eval_max_pairs,
         seed=cfg.seed,
-        beta=cfg.beta,
         draws=cfg.eval_draws,
         groups=groups,
     )

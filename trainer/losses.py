@@ -16,6 +16,7 @@ Each is tested against the source repository's own lines in tests/test_losses.py
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -227,10 +228,15 @@ def diffusion_loss(
     return reduce(0.5 * (_wide(model_err_w) + _wide(model_err_l)), reduction)
 
 
-def kto_reference_point(model_err: torch.Tensor, ref_err: torch.Tensor) -> torch.Tensor:
-    """z0 = max(0, mean(e_ref − e_θ)) over the images given, detached: KTO's estimate of KL(π_θ ‖ π_ref), the point
-    against which each image's implicit reward counts as a gain or a loss. Average it across processes before use."""
-    return (_wide(ref_err) - _wide(model_err)).mean().clamp(min=0).detach()
+def kto_reference_point(
+    model_err: torch.Tensor,
+    ref_err: torch.Tensor,
+    mean_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+) -> torch.Tensor:
+    """z0 = max(0, mean(e_ref − e_θ)), detached: KTO's estimate of KL(π_θ ‖ π_ref), the point against which each
+    image's implicit reward counts as a gain or a loss. The mean is taken over all processes before the clamp, as
+    Diffusion-KTO's `accelerator.reduce(kl_gpu, reduction='mean')` does."""
+    return mean_over_processes((_wide(ref_err) - _wide(model_err)).mean().detach()).clamp(min=0)
 
 
 def kto_loss(

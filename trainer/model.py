@@ -106,10 +106,25 @@ def draw_eval_noise(
     return torch.stack(noises), torch.cat(timesteps)
 
 
-def pair_errors(
+@dataclass
+class PairOutput:
+    """One pass over a batch of pairs: the per-pair errors (fp32, [B]) and the tensors they came from ([2B, ...],
+    winners first), which DSPO and the SDPO safeguard need beyond the errors."""
+
+    err_w: torch.Tensor
+    err_l: torch.Tensor
+    pred: torch.Tensor
+    target: torch.Tensor
+
+    @property
+    def errors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.err_w, self.err_l
+
+
+def pair_forward(
     unet: torch.nn.Module, scheduler: DDPMScheduler, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e_w, e_l), each [B] fp32: one forward over [winners; losers] with the pair's shared noise and timestep."""
+) -> PairOutput:
+    """One forward over [winners; losers] with the pair's shared noise and timestep."""
     latents = torch.cat([batch["w_latents"], batch["l_latents"]])
     noise2 = torch.cat([noise, noise]).to(latents)
     t2 = torch.cat([timesteps, timesteps]).to(latents.device)
@@ -138,8 +153,15 @@ def pair_errors(
         encoder_hidden_states=torch.cat([prompt, prompt]).to(dtype),
         added_cond_kwargs=added,
     ).sample
-    err = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
-    return err.chunk(2)
+    err_w, err_l = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3)).chunk(2)
+    return PairOutput(err_w, err_l, pred, target)
+
+
+def pair_errors(
+    unet: torch.nn.Module, scheduler: DDPMScheduler, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e_w, e_l), each [B] fp32."""
+    return pair_forward(unet, scheduler, batch, noise, timesteps).errors
 
 
 @contextmanager
@@ -153,18 +175,25 @@ def adapters_disabled(unet: UNet2DConditionModel) -> Iterator[None]:
 
 
 @torch.no_grad()
-def reference_errors(
+def reference_forward(
     models: Models, policy: UNet2DConditionModel, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen reference's (e_w, e_l); `policy` is the unwrapped policy (adapters toggled on it for LoRA).
+) -> PairOutput:
+    """The frozen reference's pass; `policy` is the unwrapped policy (adapters toggled on it for LoRA).
 
     no_grad rather than inference_mode: these tensors enter a loss that saves tensors for backward.
     """
     if models.reference is not None:
-        return pair_errors(models.reference, models.scheduler, batch, noise, timesteps)
+        return pair_forward(models.reference, models.scheduler, batch, noise, timesteps)
     ctx = adapters_disabled(policy) if models.is_lora else nullcontext()
     with ctx:
-        return pair_errors(policy, models.scheduler, batch, noise, timesteps)
+        return pair_forward(policy, models.scheduler, batch, noise, timesteps)
+
+
+def reference_errors(
+    models: Models, policy: UNet2DConditionModel, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen reference's (e_w, e_l)."""
+    return reference_forward(models, policy, batch, noise, timesteps).errors
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -19,16 +19,8 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from schemas.config import TrainConfig
 from trainer.checkpoint import TrainState
-from trainer.losses import (
-    REFERENCE_FREE,
-    diffusion_loss,
-    dpo_logits,
-    dpo_loss,
-    implicit_accuracy,
-    reward_margin,
-    sft_loss,
-)
-from trainer.model import Models, draw_noise, pair_errors, reference_errors, to_device
+from trainer.model import Models, draw_noise, pair_forward, reference_forward, to_device
+from trainer.objective import Objective, mismatched_errors
 
 
 @dataclass
@@ -44,6 +36,8 @@ class Trainer:
     policy: UNet2DConditionModel  # the same policy unwrapped: checkpoints, evaluation, LoRA's reference pass
     optimizer: torch.optim.Optimizer
     lr_scheduler: LRScheduler
+    objective: Objective  # the --loss with its resolved hyper-parameters
+    family: str  # "sd15" or "sdxl", from the data's manifest
 
 
 @dataclass
@@ -97,52 +91,30 @@ def _with_noise(batch: dict, trainer: Trainer, micro_step: int) -> dict:
     return to_device({**batch, "noise": noise, "timesteps": timesteps}, device)
 
 
-def needs_reference(loss: str) -> bool:
-    """Whether `loss` compares the policy with the frozen reference, which must then be loaded and run."""
-    return loss not in REFERENCE_FREE
-
-
-def objective(
-    cfg: TrainConfig,
-    model_err_w: torch.Tensor,
-    model_err_l: torch.Tensor,
-    ref_err_w: torch.Tensor | None,
-    ref_err_l: torch.Tensor | None,
-    label: torch.Tensor,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`cfg.loss` on one micro-batch's four per-pair errors (the reference's are None for a reference-free loss):
-    the scalar loss, and batch-mean statistics for the metrics window."""
-    stats = {"policy_err_w": model_err_w.mean(), "policy_err_l": model_err_l.mean()}
-    if cfg.loss == "sft":
-        return sft_loss(model_err_w), stats
-    if cfg.loss == "diffusion":
-        return diffusion_loss(model_err_w, model_err_l), stats
-    if cfg.loss != "dpo":
-        raise ValueError(f"loss {cfg.loss!r} is not wired into the trainer step")
-    assert ref_err_w is not None and ref_err_l is not None
-    errors = (model_err_w, model_err_l, ref_err_w, ref_err_l)
-    h = dpo_logits(*errors, cfg.beta)
-    stats.update(
-        ref_err_w=ref_err_w.mean(),
-        ref_err_l=ref_err_l.mean(),
-        implicit_accuracy=implicit_accuracy(h).mean(),
-        reward_margin=reward_margin(*errors).mean(),
-    )
-    return dpo_loss(*errors, beta=cfg.beta, label=label), stats
-
-
 def micro_batch_loss(trainer: Trainer, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The objective on one micro-batch: reference errors (no grad) when the loss needs them, then the policy's."""
-    cfg, models = trainer.cfg, trainer.models
+    """The objective on one micro-batch: the reference pass (no grad) when the loss needs one, KTO's mismatched
+    pass when it asks for it, then the policy's."""
+    models, objective, accelerator = trainer.models, trainer.objective, trainer.accelerator
     noise, timesteps = batch["noise"], batch["timesteps"]
-    with trainer.accelerator.autocast():
-        ref_w, ref_l = (
-            reference_errors(models, trainer.policy, batch, noise, timesteps)
-            if needs_reference(cfg.loss)
-            else (None, None)
+    with accelerator.autocast():
+        ref = (
+            reference_forward(models, trainer.policy, batch, noise, timesteps)
+            if objective.needs_reference
+            else None
         )
-        pol_w, pol_l = pair_errors(trainer.unet, models.scheduler, batch, noise, timesteps)
-    return objective(cfg, pol_w, pol_l, ref_w, ref_l, batch["label"])
+        mismatched = (
+            mismatched_errors(models, trainer.policy, batch, noise, timesteps)
+            if objective.needs_mismatched_pass
+            else None
+        )
+        pol = pair_forward(trainer.unet, models.scheduler, batch, noise, timesteps)
+    return objective(
+        pol,
+        ref,
+        batch["label"],
+        mismatched=mismatched,
+        mean_over_processes=lambda x: accelerator.reduce(x, "mean"),
+    )
 
 
 def apply_gradients(trainer: Trainer, finite: torch.Tensor) -> tuple[torch.Tensor, bool]:

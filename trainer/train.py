@@ -1,4 +1,4 @@
-"""Diffusion-DPO (or SFT / plain diffusion) over precomputed latent pairs: one loop, read top to bottom.
+"""Diffusion-DPO and its follow-ups (`--loss`) over precomputed latent pairs: one loop, read top to bottom.
 
   python -m trainer.train --config configs/demo.toml --data OUT --model MODEL --output-dir RUN
   torchrun --nproc-per-node 2 -m trainer.train ...            (CPU processes, gloo)
@@ -20,6 +20,7 @@ from dataclasses import asdict
 
 import torch
 from accelerate import Accelerator, PartialState
+from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from schemas.config import TrainConfig, parse_config
@@ -27,10 +28,12 @@ from schemas.manifest import Manifest
 from trainer.checkpoint import TrainState, export_final, load_checkpoint, resolve_resume, save_checkpoint
 from trainer.data import LatentPairStream, make_loader
 from trainer.evaluate import evaluate
+from trainer.losses import REFERENCE_FREE, default_beta
 from trainer.metrics import MetricWindow
-from trainer.model import load_models, to_device
+from trainer.model import Models, load_models, to_device
+from trainer.objective import Objective, check_objective
 from trainer.optim import build_lr_scheduler, build_optimizer, effective_lr
-from trainer.step import Trainer, needs_reference, train_step
+from trainer.step import Trainer, train_step
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # accelerate only treats torchrun's processes as one CPU job (gloo) when told cpu=True
@@ -45,8 +48,7 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append("--data is required")
     if not cfg.model and not cfg.data_only:
         problems.append("--model is required")
-    if cfg.loss not in ("dpo", "sft", "diffusion"):
-        problems.append(f"--loss must be one of ('dpo', 'sft', 'diffusion'), got {cfg.loss!r}")
+    problems += check_objective(cfg)
     if cfg.mixed_precision not in _DTYPES:
         problems.append(f"--mixed-precision must be one of {tuple(_DTYPES)}, got {cfg.mixed_precision!r}")
     if min(cfg.max_steps, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.log_every) < 1:
@@ -134,7 +136,7 @@ def build_trainer(cfg: TrainConfig, accelerator: Accelerator) -> Trainer:
         cfg.model,
         lora_rank=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
-        need_reference=needs_reference(cfg.loss),
+        need_reference=cfg.loss not in REFERENCE_FREE,
         gradient_checkpointing=cfg.gradient_checkpointing,
         reference_dtype=_DTYPES[cfg.mixed_precision],
     )
@@ -145,7 +147,9 @@ def build_trainer(cfg: TrainConfig, accelerator: Accelerator) -> Trainer:
     lr_scheduler = build_lr_scheduler(optimizer, cfg)
     unet, optimizer = accelerator.prepare(models.policy, optimizer)
     policy = accelerator.unwrap_model(unet)
-    return Trainer(cfg, accelerator, models, unet, policy, optimizer, lr_scheduler)
+    family = Manifest.load(cfg.data).model_family
+    objective = Objective.from_config(cfg, family, models.scheduler.config.num_train_timesteps)
+    return Trainer(cfg, accelerator, models, unet, policy, optimizer, lr_scheduler, objective, family)
 
 
 def resume(trainer: Trainer, topology: dict[str, int]) -> TrainState:
@@ -215,19 +219,29 @@ def checkpoint(trainer: Trainer, state: TrainState, topology: dict[str, int]) ->
     )
 
 
+def eval_models(models: Models, policy: UNet2DConditionModel, model: str) -> Models:
+    """The reference for held-out accuracy: the run's own, or for a reference-free full fine-tune (mapo, sft) the
+    base UNet, loaded for the evaluation only, so that its implicit accuracy measures what training changed."""
+    if models.reference is not None or models.is_lora:
+        return models
+    base = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(next(policy.parameters()).device)
+    return Models(policy, base.requires_grad_(False).eval(), models.scheduler)
+
+
 def evaluate_and_log(trainer: Trainer, step: int) -> dict[str, float]:
-    """Held-out metrics from the main process (the others wait), logged and printed."""
-    cfg, accelerator = trainer.cfg, trainer.accelerator
+    """Held-out metrics from the main process (the others wait), logged and printed. The DPO loss among them uses
+    the loss's β when it is on DPO's scale, else DPO's own."""
+    cfg, accelerator, objective = trainer.cfg, trainer.accelerator, trainer.objective
     result = {}
     if accelerator.is_main_process:
         result = evaluate(
-            trainer.models,
+            eval_models(trainer.models, trainer.policy, cfg.model),
             trainer.policy,
             cfg.val_data,
             batch_size=cfg.batch_size,
             max_pairs=cfg.eval_max_pairs,
             seed=cfg.seed,
-            beta=cfg.beta,
+            beta=objective.beta if objective.needs_reference else default_beta("dpo", trainer.family),
             draws=cfg.eval_draws,
             device=accelerator.device,
             autocast=accelerator.autocast,
@@ -279,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     progress.close()
     seconds = time.perf_counter() - run_start
 
-    export_final(accelerator, trainer.policy, cfg.output_dir, Manifest.load(cfg.data).model_family == "sdxl")
+    export_final(accelerator, trainer.policy, cfg.output_dir, trainer.family == "sdxl")
     # Release DDP, then the process group, while every rank is still alive: a gloo group left to the interpreter's
     # exit after its peer has gone can hang forever in its destructor (seen with torchrun on 2 CPUs).
     accelerator.wait_for_everyone()

@@ -1,0 +1,125 @@
+"""`make bench-losses`: every `--loss` trained with the demo's config and step budget on the embedded default, then
+its held-out implicit accuracy against the base model (the demo's own evaluation) and its training pairs/s.
+
+CLI: python -m bench.losses --data TRAIN --val-data VAL --model MODEL [--config configs/demo.toml]
+     [--losses dpo,mapo,...] [--max-steps N] [--work DIR] [--out FILE.md]
+Each loss runs in its own trainer process (no evaluation or checkpoint inside the timed run), then
+`python -m trainer.evaluate` scores its final UNet on the validation pairs; one markdown table and one JSON line
+per loss come out. Nothing is tuned per loss: every run uses the config's learning rate, batch, seed and steps and
+the loss's published hyper-parameters (trainer/losses.py LOSS_DEFAULTS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench.report import machine, table
+from bench.run import run_cli
+from schemas.config import TrainConfig, load_config_file
+from schemas.manifest import Manifest
+from trainer.losses import LOSS_DEFAULTS, LOSS_NAMES, default_beta
+
+
+def train_and_evaluate(loss: str, args: argparse.Namespace, cfg: TrainConfig) -> dict:
+    out = Path(args.work) / loss
+    train = run_cli(
+        [
+            "trainer.train",
+            "--config",
+            args.config,
+            "--loss",
+            loss,
+            "--data",
+            args.data,
+            "--model",
+            args.model,
+            "--output-dir",
+            str(out),
+            "--checkpoint-every",
+            "0",
+            "--report-to",
+            "none",
+            *(["--max-steps", str(args.max_steps)] if args.max_steps else []),
+        ]
+    )
+    evaluation = run_cli(
+        [
+            "trainer.evaluate",
+            "--data",
+            args.val_data,
+            "--model",
+            args.model,
+            "--unet",
+            str(out / "final" / "unet"),
+            "--max-pairs",
+            str(cfg.eval_max_pairs),
+            "--seed",
+            str(cfg.seed),
+            "--draws",
+            str(cfg.eval_draws),
+            "--json",
+        ]
+    )
+    return {"loss": loss, "train": train, "eval": evaluation}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="train encode output (manifest.json)")
+    parser.add_argument("--val-data", required=True, help="validation encode output")
+    parser.add_argument(
+        "--model", required=True, help="the base model: every run starts from it and is scored against it"
+    )
+    parser.add_argument("--config", default="configs/demo.toml")
+    parser.add_argument("--losses", default=",".join(n for n in LOSS_NAMES if n != "diffusion"))
+    parser.add_argument("--max-steps", type=int, default=None, help="default: the config's")
+    parser.add_argument("--work", default="runs/bench-losses")
+    parser.add_argument("--out", default=None, help="markdown file (default: stdout only)")
+    args = parser.parse_args(argv)
+    losses = [x for x in args.losses.split(",") if x]
+    unknown = sorted(set(losses) - set(LOSS_NAMES))
+    if unknown or not losses:
+        raise SystemExit(f"error: --losses: unknown {unknown}; choose from {LOSS_NAMES}")
+    cfg = TrainConfig(**load_config_file(args.config))
+    if cfg.beta is not None:
+        raise SystemExit(f"error: {args.config} sets beta; every loss must run with its own default β")
+    family = Manifest.load(args.data).model_family
+    steps = args.max_steps or cfg.max_steps
+    header = (
+        f"`python -m bench.losses --data {args.data} --val-data {args.val_data} --model {args.model} "
+        f"--config {args.config}` on {time.strftime('%Y-%m-%d')}, {machine()}: {steps} steps of batch "
+        f"{cfg.batch_size}, lr {cfg.learning_rate:g}, seed {cfg.seed}; held-out implicit accuracy over "
+        f"{cfg.eval_max_pairs} validation pairs × {cfg.eval_draws} draws against the base model (which scores "
+        "exactly 0.500).\n\n"
+    )
+    rows = []
+    for loss in losses:
+        result = train_and_evaluate(loss, args, cfg)
+        print(json.dumps(result), flush=True)
+        params = ", ".join(f"{k} {v:g}" for k, v in LOSS_DEFAULTS[loss].params.items())
+        beta = default_beta(loss, family)
+        rows.append(
+            [
+                f"`{loss}`",
+                f"{beta:g}" if beta else "–",
+                params or "–",
+                f"{result['eval']['implicit_accuracy']:.3f}",
+                f"{result['eval']['reward_margin']:.2e}",
+                f"{result['train']['pairs_per_s']:.0f}",
+            ]
+        )
+        text = header + table(
+            ["loss", "β", "other parameters", "held-out accuracy", "reward margin", "train pairs/s"], rows
+        )
+        if args.out:  # rewritten after every loss, so a long run leaves its finished rows behind
+            Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

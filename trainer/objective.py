@@ -1,0 +1,175 @@
+"""The training objective: which passes a `--loss` needs, and the loss and its metrics from their outputs.
+
+Every loss runs on the same step: one policy pass over [winners; losers] with the pair's shared noise and timestep,
+one reference pass unless the loss is reference-free (mapo, sft, diffusion: no reference UNet is loaded at all), and
+for KTO with a mismatched reference point one more no-grad pass of each over images paired with another pair's
+caption. The formulas themselves are the plain functions of trainer/losses.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from schemas.config import TrainConfig
+from trainer.losses import (
+    LOSS_DEFAULTS,
+    LOSS_NAMES,
+    PAIR_LOSSES,
+    REFERENCE_FREE,
+    SDPO_LOSSES,
+    default_beta,
+    dpo_logits,
+    dspo_loss,
+    implicit_accuracy,
+    kto_loss,
+    kto_reference_point,
+    reward_margin,
+    scale_loser_gradient,
+    sdpo_loser_scale,
+)
+from trainer.model import Models, PairOutput, pair_forward, reference_forward
+
+# config field → the loss function's keyword, per loss (the defaults live in LOSS_DEFAULTS)
+LOSS_FLAGS: dict[str, dict[str, str]] = {
+    "cdpo": {"label_smoothing": "label_smoothing"},
+    "dmpo": {"dmpo_alpha": "alpha"},
+    "mapo": {"mapo_scale": "scale", "mapo_temperature": "temperature"},
+    "kto": {"kto_lambda_desirable": "lambda_desirable", "kto_lambda_undesirable": "lambda_undesirable"},
+}
+KTO_REFERENCE_POINTS = ("mismatched", "batch")
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def check_objective(cfg: TrainConfig) -> list[str]:
+    """Problems with the objective flags, each naming the flag."""
+    if cfg.loss not in LOSS_NAMES:
+        return [f"--loss must be one of {LOSS_NAMES}, got {cfg.loss!r}"]
+    problems = []
+    for loss, flags in LOSS_FLAGS.items():
+        for flag in flags:
+            if getattr(cfg, flag) is not None and cfg.loss != loss:
+                problems.append(f"--{flag.replace('_', '-')} applies to --loss {loss} only, not {cfg.loss}")
+    if cfg.sdpo_mu and cfg.loss not in SDPO_LOSSES:
+        problems.append(f"--sdpo-mu wraps --loss {'/'.join(sorted(SDPO_LOSSES))} only, not {cfg.loss}")
+    if not 0.0 <= cfg.sdpo_mu <= 1.0:
+        problems.append(f"--sdpo-mu must be in [0, 1], got {cfg.sdpo_mu}")
+    if cfg.kto_reference_point not in KTO_REFERENCE_POINTS:
+        problems.append(
+            f"--kto-reference-point must be one of {KTO_REFERENCE_POINTS}, got {cfg.kto_reference_point!r}"
+        )
+    if cfg.beta is not None and cfg.beta <= 0:
+        problems.append(f"--beta must be > 0, got {cfg.beta}")
+    return problems
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A `--loss` with its resolved hyper-parameters (published defaults unless a flag overrides them)."""
+
+    loss: str
+    beta: float
+    params: dict[str, float] = field(default_factory=dict)
+    sdpo_mu: float = 0.0
+    kto_reference_point: str = "mismatched"
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, family: str, num_train_timesteps: int) -> Objective:
+        defaults = LOSS_DEFAULTS[cfg.loss]
+        params = dict(defaults.params)
+        if cfg.loss == "mapo":
+            params["temperature"] = float(num_train_timesteps)
+        for flag, name in LOSS_FLAGS.get(cfg.loss, {}).items():
+            if getattr(cfg, flag) is not None:
+                params[name] = getattr(cfg, flag)
+        beta = cfg.beta if cfg.beta is not None else default_beta(cfg.loss, family)
+        return cls(cfg.loss, beta, params, cfg.sdpo_mu, cfg.kto_reference_point)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss not in REFERENCE_FREE
+
+    @property
+    def needs_mismatched_pass(self) -> bool:
+        return self.loss == "kto" and self.kto_reference_point == "mismatched"
+
+    def __call__(
+        self,
+        policy: PairOutput,
+        reference: PairOutput | None,
+        label: torch.Tensor,
+        *,
+        mismatched: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mean_over_processes: Reduce = lambda x: x,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one micro-batch and its metrics (detached batch means). `mismatched` = (policy, reference)
+        errors of the mismatched pass for KTO; `mean_over_processes` averages KTO's reference point across ranks."""
+        err_w, err_l = policy.errors
+        stats = {"policy_err_w": err_w.detach().mean(), "policy_err_l": err_l.detach().mean()}
+        if reference is None:
+            return PAIR_LOSSES[self.loss](err_w, err_l, None, None, beta=self.beta, **self.params), stats
+        ref_w, ref_l = reference.errors
+        stats.update(
+            ref_err_w=ref_w.mean(),
+            ref_err_l=ref_l.mean(),
+            implicit_accuracy=implicit_accuracy(dpo_logits(err_w, err_l, ref_w, ref_l, 1.0)).mean(),
+            reward_margin=reward_margin(err_w, err_l, ref_w, ref_l).detach().mean(),
+        )
+        if self.sdpo_mu:
+            scale = sdpo_loser_scale(*(policy.pred - policy.target).chunk(2), self.sdpo_mu)
+            err_l = scale_loser_gradient(err_l, scale)
+            stats["sdpo_loser_scale"] = scale
+        if self.loss == "kto":
+            return self._kto(policy, reference, mismatched, mean_over_processes, stats)
+        if self.loss == "dspo":
+            pred_w, target_w = policy.pred.chunk(2)[0], policy.target.chunk(2)[0]
+            ref_pred_w = reference.pred.chunk(2)[0]
+            return dspo_loss(pred_w, ref_pred_w, target_w, err_w, err_l, ref_w, ref_l, beta=self.beta), stats
+        extra = {"label": label} if self.loss == "dpo" else {}
+        loss = PAIR_LOSSES[self.loss](err_w, err_l, ref_w, ref_l, beta=self.beta, **self.params, **extra)
+        return loss, stats
+
+    def _kto(
+        self,
+        policy: PairOutput,
+        reference: PairOutput,
+        mismatched: tuple[torch.Tensor, torch.Tensor] | None,
+        mean_over_processes: Reduce,
+        stats: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per image: the winners desirable, the losers undesirable (as Diffusion-KTO's `gt_label` policies do)."""
+        model_err = torch.cat(policy.errors)
+        ref_err = torch.cat(reference.errors)
+        desirable = torch.arange(len(model_err), device=model_err.device) < len(policy.err_w)
+        kl_model, kl_ref = mismatched if mismatched is not None else (model_err, ref_err)
+        z0 = kto_reference_point(kl_model, kl_ref, mean_over_processes)
+        stats["kto_reference_point"] = z0
+        loss = kto_loss(model_err, ref_err, desirable, beta=self.beta, reference_point=z0, **self.params)
+        return loss, stats
+
+
+def mismatch_captions(batch: dict) -> dict:
+    """The batch with each pair's caption replaced by the next pair's (a cyclic shift): image/caption pairs that do
+    not belong together, on which policy and reference disagree only through their general drift. With one pair per
+    batch the shift is the identity."""
+    shifted = dict(batch)
+    for key in ("prompt_embeds", "pooled_prompt_embeds"):
+        if key in batch:
+            shifted[key] = batch[key].roll(1, dims=0)
+    return shifted
+
+
+@torch.no_grad()
+def mismatched_errors(
+    models: Models, policy: UNet2DConditionModel, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(policy, reference) errors of every image ([2B]) under a mismatched caption: KTO's KL estimate, as the KTO
+    paper and TRL's KTOTrainer compute it (no gradient through it)."""
+    shifted = mismatch_captions(batch)
+    pol = pair_forward(policy, models.scheduler, shifted, noise, timesteps)
+    ref = reference_forward(models, policy, shifted, noise, timesteps)
+    return torch.cat(pol.errors), torch.cat(ref.errors)
