@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import jpeg_decode
+from bench import jpeg_decode, s3_stream
 from bench.report import machine, table
 from embedded.latent_dataset import write_latent_dataset
 from schemas.manifest import Manifest
@@ -385,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         stream_data = sd15_stream_dataset(work, 500 if args.quick else 2000)
         sections = []
         text, _ = bench_stream(stream_data, repeat, 20 if args.quick else 200)
+        sections.append(text)
+        text, _ = s3_stream.bench_s3_stream(stream_data, repeat, 20 if args.quick else 100)
         sections.append(text)
         text, _ = bench_resume(stream_data, 3 if args.quick else 5)
         sections.append(text)
