@@ -9,20 +9,30 @@ Layout of OUT (the trainer trusts only manifest.json, written last; nothing is e
                                      the chunk's tars and commits it (a rerun skips committed chunks)
   text/part_K/*.tar + _part.json     caption embeddings, committed the same way; a rerun only encodes new captions
   _checkpoints/chunk_K/              Ray CheckpointConfig of the chunk in flight (row-level resume after kill -9)
+  _checkpoints/chunk_K.json          the files of the chunk in flight, so a rerun resumes it with the same files
   _drops/chunk_K/                    per-task records of rows dropped while decoding, merged into `_part.json`
-  _encode_config.json                the config of the first run; a different config on the same OUT is an error
+  _encode_config.json                the config of the first run that got to work; a different config is an error
+  .encode.lock                       (local OUT) held while an encode runs: a second encode on OUT exits with a message
   manifest.json, report.json
+
+A rerun skips committed chunks; input files added to SRC since are encoded as new chunks and the manifest is
+republished over all of them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.metadata
 import os
+import socket
 import subprocess
 import sys
 import time
 import tomllib
-from dataclasses import fields
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,10 +43,17 @@ from schemas.manifest import MANIFEST_NAME, Manifest, Report, ShardEntry
 from schemas.sample import CHECKSUM, EMPTY_CAPTION, LATENT_MODES, PAIR_META_EXT, TENSORS_EXT, caption_key
 from stages.decode_images import read_drops
 from stages.formats import PairFormat, get_format
+from stages.ray_driver import RayUnreachable, init_with_deadline, probe_address, start_reaper
 from stages.read_pairs import REQUIRED_COLUMNS, InputError, Prescan, prescan, valid_labels
 from stages.write_shards import commit_part, load_part
 
 CONFIG_MARKER = "_encode_config.json"
+LOCK_NAME = ".encode.lock"
+# what the encode loads from a hub model: configs, tokenizers and safetensors weights, never the UNet
+MODEL_SUBFOLDERS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+MODEL_PATTERNS = ["model_index.json"] + [
+    f"{sub}/*.{ext}" for sub in MODEL_SUBFOLDERS for ext in ("json", "txt", "model", "safetensors")
+]
 RUNTIME_KEYS = {
     "out",
     "decode_batch_size",
@@ -51,6 +68,10 @@ TEXT_MEMBERS = (TENSORS_EXT,)
 
 class ConfigMismatch(Exception):
     pass
+
+
+class OutputBusy(Exception):
+    """Another encode holds OUT's lock."""
 
 
 def output_config(config: EncodeConfig) -> dict[str, Any]:
@@ -77,19 +98,130 @@ def check_config(config: EncodeConfig) -> None:
         raise InputError(
             f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {config.resolution}"
         )
-    if not (Path(config.model) / "vae").is_dir():
-        raise InputError(f"{config.model}: not a diffusers model folder (no vae/ subfolder)")
+
+
+def _normal_src(src: str) -> str:
+    """`dir/`, `./dir`, `dir` and `file://dir` name one input: one spelling to compare and record."""
+    return ",".join(storage.local_path(p.strip()) for p in src.split(",") if p.strip())
+
+
+def _normal_model(model: str) -> str:
+    """A local folder as an absolute path; a hub id (no such local path) as typed."""
+    return storage.local_path(model) if Path(model).expanduser().exists() else model
+
+
+def normalised(config: EncodeConfig) -> EncodeConfig:
+    """Paths as compared with an earlier run and recorded in the manifest."""
+    return replace(
+        config,
+        src=_normal_src(config.src),
+        out=storage.local_path(config.out),
+        model=_normal_model(config.model),
+    )
+
+
+def refuse_out_inside_src(config: EncodeConfig) -> None:
+    """An OUT below SRC would read back its own checkpoint parquet as input after a crash."""
+    out = config.out.rstrip("/")
+    for part in config.src.split(","):
+        root = part
+        while any(c in root.rsplit("/", 1)[-1] for c in "*?[{"):
+            root = root.rsplit("/", 1)[0]  # a glob's fixed leading folders
+        if not storage.is_remote(root):
+            root, out = str(Path(root).resolve()), str(Path(out).resolve())
+        if out == root or out.startswith(root.rstrip("/") + "/"):
+            raise InputError(
+                f"--out {config.out} is inside --src {part}: the encode's own files would be read back as input "
+                "(and a crashed run could never resume); choose an --out outside it"
+            )
+
+
+def resolve_model(model: str) -> str:
+    """A local diffusers folder, or a hub id fetched into (or found in) the Hugging Face cache, as from_pretrained
+    does; returns the folder the stages load from (on a multi-node cluster it must be on shared storage)."""
+    if not Path(model).is_dir():
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        if Path(model).exists() or model.startswith(("/", ".")) or model.count("/") != 1:
+            raise InputError(f"--model {model}: no such model folder (nor a hub id like owner/name)")
+        try:
+            model_dir = snapshot_download(model, allow_patterns=MODEL_PATTERNS, ignore_patterns=["*.fp16.*"])
+        except LocalEntryNotFoundError as e:
+            why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
+            raise InputError(
+                f"--model {model}: no local folder of that name, and not in the Hugging Face cache "
+                f"({constants.HF_HUB_CACHE}) while offline: {why} ({type(e).__name__}). Download it once with "
+                "network access, or pass a local snapshot folder"
+            ) from e
+        except Exception as e:  # the hub client raises HTTP, connection and repository errors alike
+            raise InputError(
+                f"--model {model}: fetching it from the hub failed ({type(e).__name__}: {e})"
+            ) from e
+    else:
+        model_dir = model
+    for sub in ("vae", "text_encoder", "tokenizer"):
+        if not (Path(model_dir) / sub / ("vocab.json" if sub == "tokenizer" else "config.json")).is_file():
+            raise InputError(f"--model {model}: not a diffusers model folder (no {sub}/ in {model_dir})")
+    return str(Path(model_dir).resolve())
+
+
+@contextlib.contextmanager
+def output_lock(out: str) -> Iterator[None]:
+    """One encode per local OUT at a time. flock is released by the kernel however the holder dies, so a killed
+    run never leaves a stale lock; an OUT this call created and left empty is removed again. Object storage has
+    no locks: there the commit files keep concurrent runs correct, not exclusive."""
+    if storage.is_remote(out):
+        yield
+        return
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            raise OutputBusy(
+                f"{out}: another encode is writing there ({holder or 'holder unknown'}); wait for it to finish "
+                "or use another --out"
+            ) from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # not a file its previous holder unlinked after we opened it
+        os.close(fd)
+    holder = f"pid {os.getpid()} on {socket.gethostname()}, since {datetime.now(UTC).isoformat(timespec='seconds')}"
+    os.ftruncate(fd, 0)
+    os.write(fd, holder.encode())
+    try:
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
+        if created and not any(out.iterdir()):
+            out.rmdir()
 
 
 def previous_config(out: str) -> dict[str, Any] | None:
+    """The config OUT holds pairs of: the manifest's, else the marker's once a chunk is committed or has rows
+    checkpointed. Caption embeddings alone do not bind OUT: a run that failed after them (e.g. on a broken VAE)
+    must not block the corrected rerun, which re-encodes them (they are few and cheap)."""
     if storage.exists(storage.join(out, MANIFEST_NAME)):
         return Manifest.load(out).encode_config
     marker = storage.join(out, CONFIG_MARKER)
-    return storage.read_json(marker) if storage.exists(marker) else None
+    checkpointed = [
+        n for n in storage.list_names(storage.join(out, "_checkpoints")) if not n.endswith(".json")
+    ]
+    pairs = published_parts(storage.join(out, "pairs"), "chunk_") or checkpointed
+    return storage.read_json(marker) if pairs and storage.exists(marker) else None
 
 
 def compare_configs(previous: dict[str, Any], current: dict[str, Any], out: str) -> None:
     keys = {k: v for k, v in previous.items() if k not in RUNTIME_KEYS}
+    keys["src"], keys["model"] = _normal_src(keys.get("src", "")), _normal_model(keys.get("model", ""))
     differing = sorted(k for k in keys.keys() | current.keys() if keys.get(k) != current.get(k))
     if differing:
         detail = ", ".join(f"{k}: {keys.get(k)!r} → {current.get(k)!r}" for k in differing)
@@ -112,12 +244,15 @@ def init_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    source = "--ray-address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     env = storage.storage_env()
     runtime_env = {"env_vars": env} if env and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ else None
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        probe_address(address, source)
+        init_with_deadline(source, address=address, runtime_env=runtime_env)
     else:
+        start_reaper()  # stops this local cluster's processes however the driver dies, SIGKILL included
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=runtime_env)
     return True
 
@@ -200,6 +335,7 @@ def encode_chunk(
     if not storage.exists(ckpt):  # no committed rows: whatever a killed run left is unaccounted for
         storage.remove(part_dir)
         storage.remove(drops_dir)
+    storage.write_json(ckpt + ".json", {"files": files})
     ckpt_fs, ckpt_path = storage.arrow_filesystem(ckpt)
     DataContext.get_current().checkpoint_config = CheckpointConfig(
         id_column="ranking_id",
@@ -300,7 +436,8 @@ def text_shapes(out: str, entry: ShardEntry) -> tuple[list[int], int | None]:
     return list(tensors["prompt_embeds"].shape), (int(pooled.shape[0]) if pooled is not None else None)
 
 
-def write_manifest(config: EncodeConfig, out: str, chunks: list[dict[str, Any]]) -> Manifest:
+def write_manifest(config: EncodeConfig, model_dir: str, out: str, chunks: list[dict[str, Any]]) -> Manifest:
+    """Publish the manifest over all `chunks`; zero pairs is an error, never an empty manifest."""
     from diffusers import AutoencoderKL
 
     from stages.encode_text import is_sdxl
@@ -308,11 +445,16 @@ def write_manifest(config: EncodeConfig, out: str, chunks: list[dict[str, Any]])
     shards = [
         ShardEntry(f"pairs/{c['dir']}/{s['path']}", s["num_samples"]) for c in chunks for s in c["shards"]
     ]
+    if not shards:
+        dropped = sum((Counter(c["dropped"]) for c in chunks), Counter())
+        raise InputError(
+            f"--src {config.src}: no trainable rows: every row was dropped ({dict(dropped)}); no manifest published"
+        )
     texts = published_parts(storage.join(out, "text"), "part_")
     text_shards = [
         ShardEntry(f"text/{p['dir']}/{s['path']}", s["num_samples"]) for p in texts for s in p["shards"]
     ]
-    vae = AutoencoderKL.load_config(config.model, subfolder="vae")
+    vae = AutoencoderKL.load_config(model_dir, subfolder="vae")
     down = 2 ** (len(vae["block_out_channels"]) - 1)
     text_shape, pooled = text_shapes(out, text_shards[0])
     manifest = Manifest(
@@ -322,7 +464,7 @@ def write_manifest(config: EncodeConfig, out: str, chunks: list[dict[str, Any]])
         text_shards=text_shards,
         empty_caption_key=caption_key(EMPTY_CAPTION),
         model=config.model,
-        model_family="sdxl" if is_sdxl(config.model) else "sd15",
+        model_family="sdxl" if is_sdxl(model_dir) else "sd15",
         resolution=config.resolution,
         vae_scaling_factor=float(vae["scaling_factor"]),
         vae_shift_factor=vae.get("shift_factor"),
@@ -348,61 +490,115 @@ def write_manifest(config: EncodeConfig, out: str, chunks: list[dict[str, Any]])
 # driver
 
 
+def plan_chunks(out: str, files: list[str], scan: Prescan, chunk_files: int) -> list[tuple[int, list[str]]]:
+    """(K, files) of every chunk of this OUT: committed chunks and the one a killed run left in flight keep their
+    files; files that are in none of them (all of them on a first run, new ones later) form new chunks after them.
+    A committed chunk whose files are gone from SRC or changed is an error: the manifest would not match SRC."""
+    plan: dict[int, list[str]] = {}
+    listed = set(files)
+    for part in published_parts(storage.join(out, "pairs"), "chunk_"):
+        k, where = int(part["dir"].removeprefix("chunk_")), storage.join(out, "pairs", part["dir"])
+        gone = [f for f in part["files"] if f not in listed]
+        if gone:
+            raise InputError(
+                f"{where} holds rows of {gone[0]}, which --src no longer lists; use another --out"
+            )
+        rows = sum(scan.per_file[f].rows for f in part["files"])
+        if rows != part["rows_read"]:
+            raise InputError(
+                f"{where}: its files now hold {rows} rows, {part['rows_read']} when encoded; use another --out"
+            )
+        plan[k] = part["files"]
+    checkpoints = storage.join(out, "_checkpoints")
+    for name in storage.list_names(checkpoints):
+        if not (name.startswith("chunk_") and name.endswith(".json")):
+            continue
+        k, in_flight = int(name[6:-5]), storage.read_json(storage.join(checkpoints, name))["files"]
+        assigned = {f for fs in plan.values() for f in fs}
+        if k not in plan and listed.issuperset(in_flight) and not assigned.intersection(in_flight):
+            plan[k] = in_flight
+        else:  # its files changed since it was killed: that chunk starts again
+            storage.remove(storage.join(checkpoints, name[:-5]))
+            storage.remove(storage.join(checkpoints, name))
+    assigned = {f for fs in plan.values() for f in fs}
+    new = [f for f in files if f not in assigned]
+    first = max(plan, default=-1) + 1
+    for i in range(0, len(new), chunk_files):
+        plan[first + i // chunk_files] = new[i : i + chunk_files]
+    return sorted(plan.items())
+
+
 def run(config: EncodeConfig) -> Report | None:
-    """Encode `config.src` into `config.out`; None when a finished output with the same config exists."""
+    """Encode `config.src` into `config.out`; None when OUT already holds every SRC file with the same config.
+
+    Every check that can fail on the user's input runs before anything is written, and the config marker is only
+    written once Ray is up and the work is planned, so a failed first attempt never blocks a corrected rerun.
+    """
     t0 = time.perf_counter()
     check_config(config)
-    out = storage.local_path(config.out)  # Ray workers and the checkpoint store need absolute paths
-    previous = previous_config(out)
-    if previous is not None:
-        compare_configs(previous, output_config(config), out)
-        if storage.exists(storage.join(out, MANIFEST_NAME)):
-            print(f"encode: {out}/{MANIFEST_NAME} exists with the same config; nothing to do")
-            return None
+    config = normalised(config)
+    refuse_out_inside_src(config)
+    model_dir = resolve_model(config.model)
     fmt = get_format(config.format, config.src, config.columns)
     files = fmt.list_inputs()
     scan = prescan(fmt, files, config.tie_policy)
-    chunks = [files[i : i + config.chunk_files] for i in range(0, len(files), config.chunk_files)]
-    print(
-        f"encode: {len(files)} {config.format} files, {scan.rows_read} rows, {len(scan.captions)} unique captions, "
-        f"{len(chunks)} chunks → {out}",
-        flush=True,
-    )
-    if not storage.is_remote(out):
-        os.makedirs(out, exist_ok=True)
-    storage.write_json(storage.join(out, CONFIG_MARKER), output_config(config))
-    started_ray = init_ray(config.ray_address)
-    try:
-        encode_text(config, out, scan.captions)
-        done, encoded_rows = [], 0
-        for k, chunk_files in enumerate(chunks):
-            name = f"chunk_{k:05d}"
-            part = load_part(storage.join(out, "pairs", name))
-            if part is not None and part["files"] != chunk_files:
-                raise InputError(
-                    f"{storage.join(out, 'pairs', name)}: encoded from other files than chunk {k} of "
-                    f"{config.src} now lists"
-                )
-            if part is None:
-                tc = time.perf_counter()
-                part = encode_chunk(config, out, k, fmt, chunk_files, scan)
-                encoded_rows += part["num_samples"]
-                print(
-                    f"encode: chunk {k + 1}/{len(chunks)}: {part['num_samples']} pairs in "
-                    f"{len(part['shards'])} tars, dropped {part['dropped']} ({time.perf_counter() - tc:.1f}s)",
-                    flush=True,
-                )
-            else:
-                print(f"encode: chunk {k + 1}/{len(chunks)} already published, skipped", flush=True)
-            for leftover in ("_checkpoints", "_drops"):  # a kill between commit and clean-up leaves them
-                storage.remove(storage.join(out, leftover, name))
-            done.append({**part, "dir": name})
-        manifest = write_manifest(config, out, done)
-    finally:
-        if started_ray:
-            import ray
+    dropped = scan.dropped(files)
+    if scan.rows_read - sum(dropped.values()) == 0:
+        raise InputError(
+            f"--src {config.src}: no trainable rows ({scan.rows_read} rows read, dropped {dict(dropped) or 0}); "
+            "nothing was written"
+        )
+    out = config.out  # absolute: Ray workers and the checkpoint store need absolute paths
+    with output_lock(out):
+        previous = previous_config(out)
+        marker = storage.join(out, CONFIG_MARKER)
+        if previous is not None:
+            compare_configs(previous, output_config(config), out)
+        elif storage.exists(marker) and storage.read_json(marker) != output_config(config):
+            storage.remove(storage.join(out, "text"))  # embeddings of a failed attempt with another config
+        plan = plan_chunks(out, files, scan, config.chunk_files)
+        todo = [k for k, _ in plan if load_part(storage.join(out, "pairs", f"chunk_{k:05d}")) is None]
+        if not todo and storage.exists(storage.join(out, MANIFEST_NAME)):
+            print(
+                f"encode: {storage.join(out, MANIFEST_NAME)} already holds all {len(files)} files; nothing to do"
+            )
+            return None
+        print(
+            f"encode: {len(files)} {config.format} files, {scan.rows_read} rows, {len(scan.captions)} unique "
+            f"captions, {len(todo)} of {len(plan)} chunks to encode → {out}",
+            flush=True,
+        )
+        started_ray = init_ray(config.ray_address)
+        try:
+            storage.write_json(marker, output_config(config))
+            work = replace(config, model=model_dir)
+            encode_text(work, out, scan.captions)
+            done, encoded_rows = [], 0
+            for k, chunk_files in plan:
+                name = f"chunk_{k:05d}"
+                part = load_part(storage.join(out, "pairs", name))
+                if part is None:
+                    tc = time.perf_counter()
+                    part = encode_chunk(work, out, k, fmt, chunk_files, scan)
+                    encoded_rows += part["num_samples"]
+                    print(
+                        f"encode: chunk {k}: {part['num_samples']} pairs in {len(part['shards'])} tars, dropped "
+                        f"{part['dropped']} ({time.perf_counter() - tc:.1f}s)",
+                        flush=True,
+                    )
+                else:
+                    print(f"encode: chunk {k} already published, skipped", flush=True)
+                for leftover in (f"_checkpoints/{name}", f"_checkpoints/{name}.json", f"_drops/{name}"):
+                    storage.remove(
+                        storage.join(out, leftover)
+                    )  # a kill between commit and clean-up leaves them
+                done.append({**part, "dir": name})
+            manifest = write_manifest(config, model_dir, out, done)
+        finally:
+            if started_ray:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
     return write_report(config, out, manifest, done, encoded_rows, time.perf_counter() - t0)
 
 
@@ -456,9 +652,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(config)
-    except (InputError, ConfigMismatch, ValueError) as e:
+    except (InputError, ConfigMismatch, OutputBusy, RayUnreachable, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("encode: interrupted; the same command resumes where it stopped", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,0 +1,269 @@
+"""What the encode does when the user gets something wrong or stops it: bad inputs exit 2 before anything is
+written, reruns pick up new files, a second encode on the same OUT is refused, and signals leave no Ray behind.
+Through the real CLI: its `main` in-process where it stops before Ray, else in subprocesses with real signals."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from schemas.manifest import Manifest
+from stages.encode import main
+from stages.formats import CANONICAL_SCHEMA, get_format
+from stages.ray_driver import _proc_table, descendants
+from stages.read_pairs import prescan
+from tests.fixtures.ray_cluster import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--resolution", "64", "--shard-size", "16", "--num-encoders", "1", "--encode-batch-size", "16"]
+
+
+def cli(args: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(
+        [sys.executable, "-m", "stages.encode", *args],
+        cwd=REPO,
+        env={**base, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
+    )
+
+
+def with_column(src: Path, dst: Path, name: str, values: pa.Array) -> None:
+    table = pq.read_table(src)
+    pq.write_table(table.set_column(table.schema.get_field_index(name), name, values), dst)
+
+
+def bad_src(kind: str, synthetic_parquet: Path, root: Path) -> tuple[Path, str]:
+    """An input directory with one problem, and what the error must name."""
+    src = root / "src"
+    shutil.copytree(synthetic_parquet / "validation", src)
+    first = sorted(src.glob("*.parquet"))[0]
+    table = pq.read_table(first)
+    if kind == "all_ties":
+        for f in src.glob("*.parquet"):
+            with_column(f, f, "label_0", pa.array([0.5] * pq.read_metadata(f).num_rows))
+        return src, "no trainable rows"
+    if kind == "word_label":
+        with_column(first, first, "label_0", pa.array(["left"] * len(table)))
+        return src, f"{first}: column 'label_0' is not numeric (string)"
+    raise AssertionError(kind)
+
+
+def test_other_column_types_are_cast(synthetic_parquet: Path, tmp_path: Path) -> None:
+    """Labels stored as numeric strings or integers and a dictionary-encoded caption (a pandas category) reach the
+    stages in the canonical types: what each Ray read task yields is `fmt.read`, checked here."""
+    src = sorted((synthetic_parquet / "validation").glob("*.parquet"))[0]
+    table = pq.read_table(src)
+    odd = tmp_path / "odd.parquet"
+    labels = pc.cast(table["label_0"], pa.string())
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("label_0"), "label_0", labels).set_column(
+            table.schema.get_field_index("caption"), "caption", pc.dictionary_encode(table["caption"])
+        ),
+        odd,
+    )
+    fmt = get_format("pickapic", str(tmp_path))
+    files = fmt.list_inputs()
+    assert prescan(fmt, files, "drop").per_file[str(odd)].rows == len(table)
+    read = pa.concat_tables(fmt.read(str(odd)))
+    assert read.schema == CANONICAL_SCHEMA
+    assert read["label_0"].to_pylist() == table["label_0"].to_pylist()
+    assert read["caption"].to_pylist() == table["caption"].to_pylist()
+
+
+@pytest.mark.parametrize("kind", ["all_ties", "word_label"])
+def test_unusable_input_exits_2_before_writing(
+    kind: str, synthetic_parquet: Path, tiny_sd15: Path, tmp_path: Path, capsys
+) -> None:
+    src, expected = bad_src(kind, synthetic_parquet, tmp_path)
+    rc = main(["--src", str(src), "--out", str(tmp_path / "o"), "--model", str(tiny_sd15), *FAST])
+    assert rc == 2 and expected in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_inside_src_is_refused(synthetic_parquet: Path, tiny_sd15: Path, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(synthetic_parquet / "validation", src)
+    rc = main(["--src", f"{src}/", "--out", str(src / "encoded"), "--model", str(tiny_sd15), *FAST])
+    assert rc == 2 and f"--out {src / 'encoded'} is inside --src {src}" in capsys.readouterr().err
+    assert sorted(p.name for p in src.iterdir()) == sorted(
+        p.name for p in (synthetic_parquet / "validation").iterdir()
+    )
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_dead_ray_address_fails_fast(
+    how: str, synthetic_parquet: Path, tiny_sd15: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """`ray.init` would retry a dead head forever; the probe refuses it at once, before anything is written."""
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    args = [
+        "--src",
+        str(synthetic_parquet / "validation"),
+        "--out",
+        str(tmp_path / "o"),
+        "--model",
+        str(tiny_sd15),
+    ]
+    if how == "flag":
+        args += ["--ray-address", dead]
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", dead)
+    name = "--ray-address" if how == "flag" else "RAY_ADDRESS"
+    assert main([*args, *FAST]) == 2
+    assert f"{name} {dead}: no Ray cluster answers there" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def hub_cache(model: Path, root: Path, repo_id: str) -> Path:
+    """`model` laid out as huggingface_hub caches a download of `repo_id` (refs/main → snapshots/<commit>)."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return root
+
+
+def test_hub_id_that_cannot_be_fetched_says_why(synthetic_parquet: Path, tmp_path: Path) -> None:
+    args = ["--src", str(synthetic_parquet / "validation"), "--out", str(tmp_path / "o"), *FAST]
+    cache = {"HF_HUB_CACHE": str(tmp_path / "empty-cache")}
+    r = cli([*args, "--model", "nobody/no-model"], env=cache)
+    assert r.returncode == 2 and "--model nobody/no-model" in r.stderr and "HF_HUB_OFFLINE is set" in r.stderr
+    closed = {**cache, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    r = cli([*args, "--model", "nobody/no-model"], env=closed)
+    assert r.returncode == 2 and "the hub could not be reached" in r.stderr, r.stderr[-2000:]
+    r = cli([*args, "--model", str(tmp_path / "no-such-folder")], env=cache)
+    assert r.returncode == 2 and "no such model folder" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_reruns_concurrency_new_files_and_hub_id(
+    synthetic_parquet: Path, tiny_sd15: Path, ray_cluster, tmp_path: Path
+) -> None:
+    """One encode through a hub id in the HF cache; a second one on the same OUT meanwhile is refused; `--src dir/`
+    then has nothing to do; a new file (sorting first) becomes a new chunk; a removed file is an error."""
+    src, out = tmp_path / "src", tmp_path / "o"
+    shutil.copytree(synthetic_parquet / "validation", src)
+    env = {**ray_cluster.env, "HF_HUB_CACHE": str(hub_cache(tiny_sd15, tmp_path / "hub", "tiny/sd15"))}
+    args = ["--src", str(src), "--out", str(out), "--model", "tiny/sd15", *FAST, "--chunk-files", "2"]
+    args += ["--ray-address", ray_cluster.address]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "stages.encode", *args],
+        cwd=REPO,
+        env={**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while first.poll() is None and not (out / ".encode.lock").exists():
+        time.sleep(0.05)
+    second = cli(args, env=env)
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-3000:]
+    assert second.returncode == 2 and "another encode is writing there" in second.stderr, second.stderr[
+        -2000:
+    ]
+    assert f"pid {first.pid}" in second.stderr
+    manifest = Manifest.load(out)
+    assert manifest.model == "tiny/sd15" and len({s.path.split("/")[1] for s in manifest.shards}) == 2
+    chunk0 = (out / "pairs" / "chunk_00000" / "_part.json").read_bytes()
+
+    trailing = [a if a != str(src) else f"{src}/" for a in args]
+    r = cli(trailing, env=env)
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stderr[-2000:]
+
+    shutil.copy(sorted((synthetic_parquet / "train").glob("*.parquet"))[0], src / "a-new.parquet")
+    r = cli(args, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    grown = Manifest.load(out)
+    new_chunk = out / "pairs" / "chunk_00002"
+    assert (out / "pairs" / "chunk_00000" / "_part.json").read_bytes() == chunk0  # untouched
+    assert "a-new.parquet" in (new_chunk / "_part.json").read_text()
+    assert grown.num_samples == manifest.num_samples + sum(
+        s.num_samples for s in grown.shards if s.path.startswith("pairs/chunk_00002/")
+    )
+    assert grown.num_samples > manifest.num_samples
+
+    (src / "a-new.parquet").unlink()
+    r = cli(args, env=env)
+    assert r.returncode == 2 and "a-new.parquet, which --src no longer lists" in r.stderr, r.stderr[-2000:]
+    assert Manifest.load(out) == grown
+
+
+def test_failed_first_run_does_not_block_the_corrected_rerun(
+    synthetic_parquet: Path, tiny_sd15: Path, ray_cluster, tmp_path: Path
+) -> None:
+    """A VAE that only fails once loaded (inside Ray) fails the first run after its caption embeddings exist; the
+    rerun with the right model must not be refused as a "different config"."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd15, broken)
+    for weights in (broken / "vae").glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    out = tmp_path / "o"
+    args = ["--src", str(synthetic_parquet / "validation"), "--out", str(out), *FAST]
+    args += ["--ray-address", ray_cluster.address]
+    r = cli([*args, "--model", str(broken)], env=ray_cluster.env)
+    assert r.returncode != 0 and not (out / "manifest.json").exists()
+    r = cli([*args, "--model", str(tiny_sd15)], env=ray_cluster.env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Manifest.load(out).model == str(tiny_sd15)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_signal_leaves_no_ray_processes(
+    sig: int, synthetic_parquet: Path, tiny_sd15: Path, tmp_path: Path
+) -> None:
+    """The driver starts its own local Ray (no address given); however it is stopped, nothing of it remains."""
+    out = tmp_path / "o"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stages.encode",
+            "--src",
+            str(synthetic_parquet / "validation"),
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_sd15),
+            *FAST,
+        ],
+        cwd=REPO,
+        env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "stderr").open("w"),
+    )
+    started: dict[int, str] = {}
+    try:  # the marker is written once ray.init has returned: the local cluster is up
+        while driver.poll() is None and not (out / "_encode_config.json").exists():
+            started.update(descendants(driver.pid, _proc_table()))
+            time.sleep(0.1)
+        started.update(descendants(driver.pid, _proc_table()))
+        assert driver.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+        os.kill(driver.pid, sig)
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert len(started) >= 4  # gcs, raylet, agents, reaper: a real local cluster was up
+    deadline = time.monotonic() + 30
+    while (left := [p for p, t in started.items() if _proc_table().get(p, (0, ""))[1] == t]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.5)
+    assert not left, {p: (Path(f"/proc/{p}/cmdline").read_bytes()[:80]) for p in left}
