@@ -8,7 +8,8 @@ Pair sample (key = `pair_key(ranking_id)`):
                        Moments are the VAE posterior, *unscaled*: latent = (mean + exp(logvar/2)·ε − shift)·scale.
 Text sample (key = `caption_key(caption)`):
   `<key>.safetensors`  `prompt_embeds` [77, D] (+ `pooled_prompt_embeds` [P] for SDXL).
-Nothing is pickled: tensors are safetensors, metadata is JSON.
+Nothing is pickled: tensors are safetensors, metadata is JSON. Member names follow WebDataset: the key is the path
+up to the first dot of the file name, the extension the rest, and a sample's members are consecutive in the tar.
 
 Integrity: every safetensors member carries, in its header's `__metadata__`, the CRC-32 of its own tensor data
 (`crc32`) and, for a pair, of the pair's JSON member (`crc32_json`). A reader verifies both, so a flipped byte
@@ -20,19 +21,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tarfile
 import zlib
-from dataclasses import asdict, dataclass
+from collections.abc import Collection, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from schemas import storage
+
 PAIR_META_EXT = "json"
 TENSORS_EXT = "safetensors"
 LATENT_MODES = ("moments", "mean")
 SIDES = ("w", "l")
 EMPTY_CAPTION = ""
+# compute dtypes by the names the CLIs take (accelerate's mixed_precision "no" means fp32)
+TORCH_DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CHECKSUM = "crc32"  # the algorithm named in the manifest; members written by this version carry one
 
 
@@ -51,13 +59,23 @@ def pair_key(ranking_id: int) -> str:
     return f"{ranking_id:020d}" if ranking_id >= 0 else f"n{-ranking_id:020d}"
 
 
+def tensor_name(side: str, part: str, flipped: bool = False) -> str:
+    """`w_mean`, `l_logvar_flip`, …: the name of one latent tensor of a pair sample."""
+    return f"{side}_{part}{'_flip' if flipped else ''}"
+
+
 def latent_tensor_names(latent_mode: str, flip: bool) -> list[str]:
     """The tensors a pair sample must hold for a given encode configuration."""
     if latent_mode not in LATENT_MODES:
         raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
     parts = ["mean", "logvar"] if latent_mode == "moments" else ["mean"]
-    views = ["", "_flip"] if flip else [""]
-    return [f"{side}_{part}{view}" for view in views for side in SIDES for part in parts]
+    views = [False, True] if flip else [False]
+    return [tensor_name(side, part, flipped) for flipped in views for side in SIDES for part in parts]
+
+
+def model_family(model: str | Path) -> str:
+    """ "sdxl" for a diffusers folder with a second text encoder, else "sd15": the only difference the cache has."""
+    return "sdxl" if (Path(model) / "text_encoder_2").is_dir() else "sd15"
 
 
 @dataclass(frozen=True)
@@ -164,3 +182,51 @@ def decode_tensors(
 
 def text_tensor_names(has_pooled: bool) -> list[str]:
     return ["prompt_embeds", "pooled_prompt_embeds"] if has_pooled else ["prompt_embeds"]
+
+
+@dataclass
+class TarSample:
+    """One sample of a WebDataset tar: the byte range of every member, and the data of those asked for."""
+
+    key: str
+    where: str  # "tar:key", for error messages
+    spans: dict[str, tuple[int, int]] = field(
+        default_factory=dict
+    )  # ext -> (offset, size) of the data in the tar
+    data: dict[str, bytes] = field(default_factory=dict)  # ext -> bytes, for the extensions read
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """WebDataset's rule: key = the path up to the first dot of the file name, extension = the rest."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def read_tar(path: str | Path, read: Collection[str] = ()) -> Iterator[TarSample]:
+    """The samples of an uncompressed tar (a path or any fsspec URL) in file order, streamed front to back, with
+    the data of the members whose extension is in `read`.
+
+    The one reader of encode outputs (writer checks, trainer stream, text index, tests). Raises ValueError naming
+    the tar for an unreadable or truncated tar, and naming the sample for a member that occurs twice.
+    """
+    try:
+        with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            sample: TarSample | None = None
+            for info in tar:
+                if not info.isreg():
+                    continue
+                key, ext = split_member_name(info.name)
+                if sample is None or key != sample.key:
+                    if sample is not None:
+                        yield sample
+                    sample = TarSample(key, f"{path}:{key}")
+                if ext in sample.spans:
+                    raise ValueError(f"{sample.where}: member .{ext} occurs twice")
+                sample.spans[ext] = (info.offset_data, info.size)
+                if ext in read:
+                    sample.data[ext] = tar.extractfile(info).read()
+            if sample is not None:
+                yield sample
+    except (tarfile.TarError, OSError) as e:
+        raise ValueError(f"{path}: unreadable tar ({e})") from e

@@ -40,7 +40,17 @@ from typing import Any
 from schemas import storage
 from schemas.config import EncodeConfig, config_to_dict, parse_config
 from schemas.manifest import MANIFEST_NAME, Manifest, Report, ShardEntry
-from schemas.sample import CHECKSUM, EMPTY_CAPTION, LATENT_MODES, PAIR_META_EXT, TENSORS_EXT, caption_key
+from schemas.sample import (
+    CHECKSUM,
+    EMPTY_CAPTION,
+    LATENT_MODES,
+    PAIR_META_EXT,
+    TENSORS_EXT,
+    caption_key,
+    decode_tensors,
+    model_family,
+    read_tar,
+)
 from stages.decode_images import read_drops
 from stages.formats import PairFormat, get_format
 from stages.ray_driver import RayUnreachable, init_with_deadline, probe_address, start_reaper
@@ -426,12 +436,8 @@ def versions() -> dict[str, str]:
 
 def text_shapes(out: str, entry: ShardEntry) -> tuple[list[int], int | None]:
     """[77, D] and the pooled dim, read from a stored text sample rather than re-derived from model configs."""
-    import tarfile
-
-    from safetensors.torch import load as load_safetensors
-
-    with storage.open_read(storage.join(out, entry.path)) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        tensors = load_safetensors(tar.extractfile(tar.next()).read())
+    first = next(read_tar(storage.join(out, entry.path), read=TEXT_MEMBERS))
+    tensors = decode_tensors(first.data[TENSORS_EXT], ["prompt_embeds"], first.where)
     pooled = tensors.get("pooled_prompt_embeds")
     return list(tensors["prompt_embeds"].shape), (int(pooled.shape[0]) if pooled is not None else None)
 
@@ -439,8 +445,6 @@ def text_shapes(out: str, entry: ShardEntry) -> tuple[list[int], int | None]:
 def write_manifest(config: EncodeConfig, model_dir: str, out: str, chunks: list[dict[str, Any]]) -> Manifest:
     """Publish the manifest over all `chunks`; zero pairs is an error, never an empty manifest."""
     from diffusers import AutoencoderKL
-
-    from stages.encode_text import is_sdxl
 
     shards = [
         ShardEntry(f"pairs/{c['dir']}/{s['path']}", s["num_samples"]) for c in chunks for s in c["shards"]
@@ -464,7 +468,7 @@ def write_manifest(config: EncodeConfig, model_dir: str, out: str, chunks: list[
         text_shards=text_shards,
         empty_caption_key=caption_key(EMPTY_CAPTION),
         model=config.model,
-        model_family="sdxl" if is_sdxl(model_dir) else "sd15",
+        model_family=model_family(model_dir),
         resolution=config.resolution,
         vae_scaling_factor=float(vae["scaling_factor"]),
         vae_shift_factor=vae.get("shift_factor"),

@@ -12,18 +12,18 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from schemas.sample import SIDES, latent_tensor_names
+from schemas.sample import SIDES, TORCH_DTYPES, latent_tensor_names, tensor_name
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ENCODE_DTYPES = ("fp32", "fp16", "bf16")
 
 
 def resolve_dtype(dtype: str, device: torch.device, force_upcast: bool) -> torch.dtype:
     """auto: fp16 on GPU unless the model asks for fp32 (force_upcast, e.g. the SDXL VAE), fp32 on CPU."""
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" and not force_upcast else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    if dtype not in ENCODE_DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(ENCODE_DTYPES)}, got {dtype!r}")
+    return TORCH_DTYPES[dtype]
 
 
 def default_device(device: str | None) -> torch.device:
@@ -69,12 +69,12 @@ class LatentEncoder:
             pixels = torch.cat([pixels, pixels.flip(2)])  # [w; l; w_flip; l_flip], flip along width
         mean, logvar = self.moments(pixels)
         out = {k: v for k, v in batch.items() if k not in SIDES}
-        views = ["", "_flip"] if self.flip else [""]
-        for v, view in enumerate(views):
+        views = [False, True] if self.flip else [False]
+        for v, flipped in enumerate(views):
             for s, side in enumerate(SIDES):
                 rows = slice((v * 2 + s) * n, (v * 2 + s + 1) * n)
                 for part, tensor in (("mean", mean), ("logvar", logvar)):
-                    name = f"{side}_{part}{view}"
+                    name = tensor_name(side, part, flipped)
                     if name in self.names:
                         out[name] = tensor[rows].half().cpu().numpy()
         return out

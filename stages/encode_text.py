@@ -7,21 +7,14 @@ pooled projection `text_embeds` [P], exactly what StableDiffusionXLPipeline.enco
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from schemas.sample import caption_key, encode_tensors
+from schemas.sample import caption_key, encode_tensors, model_family
 from stages.encode_latents import default_device, resolve_dtype
 
 MAX_LENGTH = 77
-
-
-def is_sdxl(model: str) -> bool:
-    """SDXL checkpoints have a second text encoder; that is the only difference the cache cares about."""
-    return (Path(model) / "text_encoder_2").is_dir()
 
 
 class CaptionEncoder:
@@ -34,7 +27,7 @@ class CaptionEncoder:
             torch.set_num_threads(num_threads)
         self.device = default_device(device)
         self.dtype = resolve_dtype(dtype, self.device, force_upcast=False)
-        self.sdxl = is_sdxl(model)
+        self.sdxl = model_family(model) == "sdxl"
         self.tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")]
         self.encoders: list[torch.nn.Module] = [
             CLIPTextModel.from_pretrained(model, subfolder="text_encoder")

@@ -1,15 +1,14 @@
 """Pair samples → WebDataset tars via Ray, and the commit step that makes a chunk's tars count all at once.
 
 Ray's `write_webdataset` writes straight to final paths and object storage has no rename, so a part directory
-(`pairs/chunk_K/`, `text/part_K/`) gets tars under unique names (Ray's write_uuid), each then read through with
-tarfile (a truncated or partial tar fails here, not in the trainer), and `_part.json`, listing exactly those tars,
+(`pairs/chunk_K/`, `text/part_K/`) gets tars under unique names (Ray's write_uuid), each then read through to
+its end (a truncated or partial tar fails here, not in the trainer), and `_part.json`, listing exactly those tars,
 is written last as the part's single commit point. A directory without `_part.json` is not published; tars a
 killed run left beside a `_part.json` are not listed, so nobody reads them. The manifest lists only listed tars.
 """
 
 from __future__ import annotations
 
-import tarfile
 from collections import Counter
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy as np
 from ray.data.datasource import FilenameProvider
 
 from schemas import storage
-from schemas.sample import CHECKSUM, PAIR_META_EXT, TENSORS_EXT, encode_tensors, pair_key
+from schemas.sample import CHECKSUM, PAIR_META_EXT, TENSORS_EXT, encode_tensors, pair_key, read_tar
 
 PART_INFO = "_part.json"  # per published directory: its tars with sample counts, plus what the stage recorded
 
@@ -64,20 +63,16 @@ def drop_ranking_id(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 def scan_tar(url: str, required: tuple[str, ...]) -> list[str]:
-    """Read a tar to the end, front to back; returns its keys in order. Raises ValueError naming the tar and key
-    when a sample lacks a member or has an unexpected one (only .json/.safetensors are allowed: nothing pickled)."""
-    members: dict[str, set[str]] = {}
-    try:
-        with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for info in tar:
-                key, _, ext = info.name.partition(".")
-                members.setdefault(key, set()).add(ext)
-    except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"{url}: unreadable tar ({e})") from e
-    for key, exts in members.items():
-        if exts != set(required):
-            raise ValueError(f"{url}: sample {key} has members {sorted(exts)}, expected {sorted(required)}")
-    return list(members)
+    """Read a tar to the end, front to back; returns its keys in order. Raises ValueError naming the tar and key when a sample
+    lacks a member or has an unexpected one (only .json/.safetensors are allowed: nothing pickled)."""
+    keys = []
+    for sample in read_tar(url):
+        if set(sample.spans) != set(required):
+            raise ValueError(
+                f"{url}: sample {sample.key} has members {sorted(sample.spans)}, expected {sorted(required)}"
+            )
+        keys.append(sample.key)
+    return keys
 
 
 def commit_part(part_dir: str, required: tuple[str, ...], info: dict[str, Any]) -> dict[str, Any]:

@@ -280,7 +280,7 @@ def test_damaged_tar_names_the_shard(tmp_path: Path, keep: int) -> None:
     path.write_bytes(data[:keep] if keep >= 0 else data[: len(data) // 2 + keep])
     with pytest.raises(
         ValueError,
-        match=rf"{path}(: unreadable pair shard|: \d+ samples, manifest says 4"
+        match=rf"{path}(: unreadable tar|: \d+ samples, manifest says 4"
         r"|:\d+: pair sample lacks members)",
     ):
         list(iter_eval_batches(data_dir, batch_size=4))

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -19,7 +18,15 @@ import torch
 from PIL import Image
 
 from schemas.manifest import Manifest, Report
-from schemas.sample import CHECKSUM, PairMeta, caption_key, decode_tensors, latent_tensor_names, pair_key
+from schemas.sample import (
+    CHECKSUM,
+    PairMeta,
+    caption_key,
+    decode_tensors,
+    latent_tensor_names,
+    pair_key,
+    read_tar,
+)
 from stages.encode import main
 from stages.read_pairs import list_parquet_files
 
@@ -80,29 +87,26 @@ def encode(args: list[str], cluster, cwd: Path = REPO, **kw) -> subprocess.Compl
 
 
 def read_samples(out: Path) -> dict[str, dict]:
-    """Every pair sample the manifest lists, read with tarfile (every listed tar must read to its end)."""
+    """Every pair sample the manifest lists (every listed tar must read to its end)."""
     manifest = Manifest.load(out)
     samples: dict[str, dict] = {}
     for shard in manifest.shards:
-        with tarfile.open(out / shard.path) as tar:
-            members = [(m.name, tar.extractfile(m).read()) for m in tar]
-        keys = {name.split(".", 1)[0] for name, _ in members}
-        assert len(keys) == shard.num_samples, shard
-        for name, data in members:
-            key, ext = name.split(".", 1)
-            assert ext in ("json", "safetensors"), name  # nothing pickled
-            samples.setdefault(key, {})[ext] = data
+        in_shard = list(read_tar(out / shard.path, read=("json", "safetensors")))
+        assert len(in_shard) == shard.num_samples, shard
+        for sample in in_shard:
+            assert set(sample.spans) == {"json", "safetensors"}, sample.where  # nothing pickled
+            samples[sample.key] = sample.data
     return samples
 
 
 def text_keys(out: Path) -> dict[str, dict[str, torch.Tensor]]:
     texts = {}
     for shard in Manifest.load(out).text_shards:
-        with tarfile.open(out / shard.path) as tar:
-            for m in tar:
-                assert m.name.endswith(".safetensors"), m.name
-                key = m.name.split(".")[0]
-                texts[key] = decode_tensors(tar.extractfile(m).read(), [], key, require_checksum=True)
+        for sample in read_tar(out / shard.path, read=("safetensors",)):
+            assert set(sample.spans) == {"safetensors"}, sample.where
+            texts[sample.key] = decode_tensors(
+                sample.data["safetensors"], [], sample.where, require_checksum=True
+            )
     return texts
 
 

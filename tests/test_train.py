@@ -308,5 +308,5 @@ def test_fixed_batch_reads_only_the_first_batch(latent_sd15: Path, tiny_sd15: Pa
     args = ["--max-steps", "3", "--shards-in-flight", "1", "--num-workers", "0", "--checkpoint-every", "0"]
     run_train(data, tiny_sd15, tmp_path / "fixed", *args, "--fixed-batch")
     assert (tmp_path / "fixed" / "final" / "unet").is_dir()
-    with pytest.raises(ValueError, match=r"pairs-.*\.tar: unreadable pair shard"):
+    with pytest.raises(ValueError, match=r"pairs-.*\.tar: unreadable tar"):
         run_train(data, tiny_sd15, tmp_path / "streamed", *args)

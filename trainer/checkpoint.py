@@ -30,6 +30,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from schemas.atomic import atomic_write_json, publish_dir, read_json
+from trainer.model import has_lora
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -211,7 +212,7 @@ def export_final(
     final = Path(output_dir) / "final"
     if accelerator.is_main_process:
         final.mkdir(parents=True, exist_ok=True)
-        if getattr(unet, "_hf_peft_config_loaded", False):
+        if has_lora(unet):
             lora_tmp = final / "lora.tmp"
             shutil.rmtree(lora_tmp, ignore_errors=True)
             pipeline = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline

@@ -1,6 +1,6 @@
 """The trainer's input: an infinite, rank-sharded stream of latent-pair batches that resumes exactly in O(1).
 
-Layout of the stream (recipe D of the design notes, plus cross-shard mixing):
+Layout of the stream (deterministic slots over a seeded shard sequence, plus cross-shard mixing):
 * The global shard sequence is epoch after epoch of a seeded permutation of the manifest's shards. With
   S = world_size × num_workers "slots" (slot = rank × W + worker role), slot s reads positions s, s + S, s + 2S, …,
   so ranks see disjoint data and no slot ever runs dry, however few shards there are.
@@ -20,7 +20,6 @@ The loader must NOT go through `accelerator.prepare`, which would shard the alre
 from __future__ import annotations
 
 import os
-import tarfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,22 +28,26 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from schemas import storage
 from schemas.manifest import Manifest
-from schemas.sample import PAIR_META_EXT, TENSORS_EXT, PairMeta, decode_tensors, latent_tensor_names
+from schemas.sample import (
+    PAIR_META_EXT,
+    SIDES,
+    TENSORS_EXT,
+    PairMeta,
+    decode_tensors,
+    latent_tensor_names,
+    read_tar,
+    tensor_name,
+)
+from schemas.seeds import seed_of
 from trainer.text_store import TextEmbeddingStore
 
-_MEMBER_EXTS = (f".{PAIR_META_EXT}", f".{TENSORS_EXT}")
+_MEMBER_EXTS = (PAIR_META_EXT, TENSORS_EXT)
 _BLOCK_POSITIONS = (
     1 << 16
 )  # shard-sequence positions whose epoch permutations are drawn in one vectorised call
-
-
-def _seed(*parts: int) -> int:
-    """A 64-bit seed from a tuple of non-negative ints, so (seed, slot, batch) streams never collide."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0])
 
 
 @dataclass(frozen=True)
@@ -64,19 +67,11 @@ def read_pair_shard(path: str, expected: int) -> list[_RawPair]:
     The count must match the manifest: resume positions are computed from the manifest counts alone.
     """
     out = []
-    try:
-        with storage.open_read(path) as stream:
-            members = tar_file_expander(
-                [{"url": str(path), "stream": stream}], select_files=lambda name: name.endswith(_MEMBER_EXTS)
-            )
-            for sample in group_by_keys(members):
-                key = sample["__key__"]
-                missing = [ext for ext in (PAIR_META_EXT, TENSORS_EXT) if ext not in sample]
-                if missing:
-                    raise ValueError(f"{path}:{key}: pair sample lacks members {missing}")
-                out.append(_RawPair(key, f"{path}:{key}", sample[PAIR_META_EXT], sample[TENSORS_EXT]))
-    except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"{path}: unreadable pair shard ({e})") from e
+    for sample in read_tar(path, read=_MEMBER_EXTS):
+        missing = [ext for ext in _MEMBER_EXTS if ext not in sample.data]
+        if missing:
+            raise ValueError(f"{sample.where}: pair sample lacks members {missing}")
+        out.append(_RawPair(sample.key, sample.where, sample.data[PAIR_META_EXT], sample.data[TENSORS_EXT]))
     if len(out) != expected:
         raise ValueError(f"{path}: {len(out)} samples, manifest says {expected}")
     return out
@@ -230,7 +225,7 @@ class LatentPairStream(IterableDataset):
             pending = pending[start:]
 
     def _make_batch(self, batch: list[_RawPair], slot: int, batch_index: int) -> dict:
-        g = torch.Generator().manual_seed(_seed(self.seed, slot, batch_index))
+        g = torch.Generator().manual_seed(seed_of(self.seed, slot, batch_index))
         n = len(batch)
         flips = (torch.rand(n, generator=g) < 0.5) & self.random_flip
         drops = torch.rand(n, generator=g) < self.caption_dropout
@@ -295,17 +290,16 @@ class PairCollator:
             )
             meta = PairMeta.from_json_bytes(raw.meta, raw.where)
             flip = bool(flips[i])
-            view = "_flip" if flip else ""
-            for side, image in (("w", meta.w), ("l", meta.l)):
-                mean = tensors[f"{side}_mean{view}"]
+            for side, image in zip(SIDES, (meta.w, meta.l), strict=True):
+                mean = tensors[tensor_name(side, "mean", flip)]
                 if list(mean.shape) != self.manifest.latent_shape:
                     raise ValueError(
-                        f"{raw.where}: {side}_mean{view} shape {list(mean.shape)}, manifest says "
+                        f"{raw.where}: {tensor_name(side, 'mean', flip)} shape {list(mean.shape)}, manifest says "
                         f"{self.manifest.latent_shape}"
                     )
                 out["means"].append(mean)
                 if eps is not None:
-                    out["logvars"].append(tensors[f"{side}_logvar{view}"])
+                    out["logvars"].append(tensors[tensor_name(side, "logvar", flip)])
                 if self.is_sdxl:
                     top, left = image.crop_top_left_flip if flip else image.crop_top_left
                     out[f"{side}_time_ids"].append([*image.original_size, top, left, resolution, resolution])

@@ -7,20 +7,27 @@ official code), and both go through a single batched forward of 2B samples.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 
-import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from schemas.seeds import seed_of
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 _NOISE_DOMAIN = (
     0x4E4F495345  # keeps training-noise seeds apart from the data stream's (seed, slot, batch) seeds
 )
+
+
+def has_lora(unet: torch.nn.Module) -> bool:
+    """Whether peft adapters are injected (by `add_adapter` or `load_lora_adapter`): the one LoRA test."""
+    return any(isinstance(m, BaseTunerLayer) for m in unet.modules())
 
 
 @dataclass
@@ -29,9 +36,10 @@ class Models:
     reference: UNet2DConditionModel | None  # None: the policy with its LoRA adapters disabled
     scheduler: DDPMScheduler
 
-    @property
+    @cached_property
     def is_lora(self) -> bool:
-        return bool(getattr(self.policy, "_hf_peft_config_loaded", False))
+        """Read once: the step asks at every micro-batch, and a UNet has thousands of modules to look through."""
+        return has_lora(self.policy)
 
 
 def load_models(
@@ -69,15 +77,6 @@ def load_models(
         policy.enable_gradient_checkpointing()
     policy.train()
     return Models(policy, reference, scheduler)
-
-
-def seed_of(*parts: int | str) -> int:
-    """A 64-bit seed from ints and strings (strings hashed), so counter-based draws never collide."""
-    ints = [
-        p if isinstance(p, int) else int.from_bytes(hashlib.sha1(p.encode()).digest()[:8], "little")
-        for p in parts
-    ]
-    return int(np.random.SeedSequence(ints).generate_state(1, np.uint64)[0])
 
 
 def draw_noise(

@@ -9,16 +9,14 @@ read with one ranged GET per member, behind a bounded per-process cache of raw m
 from __future__ import annotations
 
 import os
-import tarfile
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from webdataset.tariterators import base_plus_ext
 
 from schemas import storage
 from schemas.manifest import Manifest
-from schemas.sample import TENSORS_EXT, decode_tensors, text_tensor_names
+from schemas.sample import TENSORS_EXT, decode_tensors, read_tar, text_tensor_names
 
 
 class TextEmbeddingStore:
@@ -36,11 +34,9 @@ class TextEmbeddingStore:
         # key -> (index into self.paths, byte offset of the member's data, size in bytes); nothing else is held
         self.index: dict[str, tuple[int, int, int]] = {}
         for i, path in enumerate(self.paths):
-            with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-                for member in tar:
-                    key, ext = base_plus_ext(member.name)
-                    if member.isreg() and ext == TENSORS_EXT:
-                        self.index[key] = (i, member.offset_data, member.size)
+            for sample in read_tar(path):
+                if TENSORS_EXT in sample.spans:
+                    self.index[sample.key] = (i, *sample.spans[TENSORS_EXT])
         if self.empty_key not in self.index:
             raise ValueError(f"{self.data_dir}: text tars lack the empty-caption embedding {self.empty_key}")
         self._fds: dict[int, int] = {}

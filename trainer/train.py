@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from schemas.config import TrainConfig, parse_config
 from schemas.manifest import Manifest
+from schemas.sample import TORCH_DTYPES
 from trainer.checkpoint import TrainState, export_final, load_checkpoint, resolve_resume, save_checkpoint
 from trainer.data import LatentPairStream, make_loader
 from trainer.evaluate import evaluate
@@ -35,7 +36,7 @@ from trainer.objective import Objective, check_objective
 from trainer.optim import build_lr_scheduler, build_optimizer, effective_lr
 from trainer.step import Trainer, train_step
 
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
 # accelerate only treats torchrun's processes as one CPU job (gloo) when told cpu=True
 _NO_GPU = not torch.cuda.is_available()
 # a terminal gets a live bar; a log file (CI, `ray job logs`) gets a line every 30 s instead of thousands of \r updates
@@ -49,8 +50,8 @@ def check_config(cfg: TrainConfig) -> None:
     if not cfg.model and not cfg.data_only:
         problems.append("--model is required")
     problems += check_objective(cfg)
-    if cfg.mixed_precision not in _DTYPES:
-        problems.append(f"--mixed-precision must be one of {tuple(_DTYPES)}, got {cfg.mixed_precision!r}")
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        problems.append(f"--mixed-precision must be one of {MIXED_PRECISION}, got {cfg.mixed_precision!r}")
     if min(cfg.max_steps, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.log_every) < 1:
         problems.append("max_steps, batch_size, gradient_accumulation_steps and log_every must be >= 1")
     if cfg.lora_rank < 0 or cfg.checkpoint_every < 0 or cfg.eval_every < 0:
@@ -138,7 +139,7 @@ def build_trainer(cfg: TrainConfig, accelerator: Accelerator) -> Trainer:
         lora_alpha=cfg.lora_alpha,
         need_reference=cfg.loss not in REFERENCE_FREE,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        reference_dtype=_DTYPES[cfg.mixed_precision],
+        reference_dtype=TORCH_DTYPES[cfg.mixed_precision],
     )
     if models.reference is not None:
         models.reference.to(accelerator.device)  # frozen, so never prepared (no DDP, no optimizer)
