@@ -133,7 +133,18 @@ def encode_tensors(tensors: dict[str, torch.Tensor], companion: bytes | None = N
     metadata = {CHECKSUM: _crc(memoryview(plain)[8 + _header_len(plain) :])}
     if companion is not None:
         metadata[f"{CHECKSUM}_json"] = _crc(companion)
-    return save_safetensors(tensors, metadata=metadata)
+    return _sorted_header(save_safetensors(tensors, metadata=metadata))
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """safetensors writes `__metadata__` from a Rust HashMap, whose order changes from process to process; sorting
+    the header's keys makes the same tensors give the same bytes (reproducible encodes). Only the order changes, so
+    the header keeps its length and padding."""
+    n = _header_len(data)
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    if len(header) > n:
+        raise ValueError(f"safetensors header grew from {n} to {len(header)} bytes when sorted")
+    return data[:8] + header.ljust(n) + data[8 + n :]
 
 
 def _header_len(data: bytes) -> int:

@@ -285,7 +285,7 @@ def encode_text(config: EncodeConfig, out: str, captions: set[str]) -> None:
     from ray.data import DataContext
 
     from stages.encode_text import CaptionEncoder
-    from stages.write_shards import ShardNames
+    from stages.write_shards import ShardNames, ShardWriter
 
     text_dir = storage.join(out, "text")
     parts = published_parts(text_dir, "part_")
@@ -299,7 +299,9 @@ def encode_text(config: EncodeConfig, out: str, captions: set[str]) -> None:
         part_dir
     )  # no row-level resume for text: a killed part is redone (captions are few and cheap)
     filesystem, path = storage.arrow_filesystem(part_dir)
-    DataContext.get_current().checkpoint_config = None
+    ctx = DataContext.get_current()
+    ctx.checkpoint_config = None
+    ctx.execution_options.preserve_order = True  # reproducible tars: rows reach them in input order
     pool = encoder_pool(1)
     (
         ray.data.from_items([{"caption": c} for c in todo])
@@ -314,12 +316,8 @@ def encode_text(config: EncodeConfig, out: str, captions: set[str]) -> None:
             **pool,
         )
         .repartition(target_num_rows_per_block=config.text_shard_size, strict=True)
-        .write_webdataset(
-            path,
-            filesystem=filesystem,
-            min_rows_per_file=config.text_shard_size,
-            filename_provider=ShardNames("text"),
-            encoder=None,
+        .write_datasink(
+            ShardWriter(path, ShardNames("text", 0), config.text_shard_size, filesystem=filesystem)
         )
     )
     part = commit_part(part_dir, TEXT_MEMBERS, {"captions": len(todo)})
@@ -336,7 +334,7 @@ def encode_chunk(
     from stages.decode_images import decode_pairs
     from stages.encode_latents import LatentEncoder
     from stages.read_pairs import row_filter
-    from stages.write_shards import ShardNames, drop_ranking_id, to_pair_samples
+    from stages.write_shards import ShardNames, ShardWriter, next_attempt, to_pair_samples
 
     name = f"chunk_{k:05d}"
     part_dir = storage.join(out, "pairs", name)
@@ -346,8 +344,15 @@ def encode_chunk(
         storage.remove(part_dir)
         storage.remove(drops_dir)
     storage.write_json(ckpt + ".json", {"files": files})
+    names = ShardNames(
+        "pairs", next_attempt("pairs", storage.list_names(part_dir) + storage.list_names(ckpt))
+    )
     ckpt_fs, ckpt_path = storage.arrow_filesystem(ckpt)
-    DataContext.get_current().checkpoint_config = CheckpointConfig(
+    ctx = DataContext.get_current()
+    # Rows reach the tars in input order, so a fresh encode of the same input publishes the same bytes, while
+    # every stage still runs its tasks in parallel (only their outputs wait for their turn).
+    ctx.execution_options.preserve_order = True
+    ctx.checkpoint_config = CheckpointConfig(
         id_column="ranking_id",
         checkpoint_path=ckpt_path,
         override_filesystem=ckpt_fs,
@@ -377,12 +382,8 @@ def encode_chunk(
         )
         .map_batches(to_pair_samples, batch_size=config.shard_size)
         .repartition(target_num_rows_per_block=config.shard_size, strict=True)
-        .write_webdataset(
-            path,
-            filesystem=filesystem,
-            min_rows_per_file=config.shard_size,
-            filename_provider=ShardNames("pairs"),
-            encoder=drop_ranking_id,
+        .write_datasink(
+            ShardWriter(path, names, config.shard_size, skip=("ranking_id",), filesystem=filesystem)
         )
     )
     DataContext.get_current().checkpoint_config = None

@@ -313,3 +313,25 @@ def test_huge_start_batch_opens_only_the_landing_group(latent_sd15: Path) -> Non
     # and the landing point is right: a moderate skip matches walking the stream
     walked = list(islice(_stream_iter(latent_sd15, 0), 101))
     assert_same_batches([next(_stream_iter(latent_sd15, 100))], walked[100:])
+
+
+def test_encoded_tensors_are_the_same_bytes_in_every_process() -> None:
+    """safetensors writes its metadata from a Rust HashMap, ordered differently in each process; encode_tensors
+    sorts the header, so fresh encodes are byte-identical. Each process encodes the same member."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; from schemas.sample import encode_tensors, decode_tensors;"
+        "t = {'w_mean': torch.arange(8.0).reshape(2, 4).half(), 'l_mean': torch.ones(2, 4).half()};"
+        "b = encode_tensors(t, companion=b'{}'); decode_tensors(b, ['w_mean'], 'x', companion=b'{}',"
+        " require_checksum=True); sys.stdout.write(b.hex())"
+    )
+    root = Path(__file__).resolve().parents[1]
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(4)
+    }
+    assert len(outputs) == 1

@@ -148,25 +148,15 @@ def rows_of(src: Path) -> dict[int, dict]:
     return {r["ranking_id"]: r for f in files for r in pq.read_table(f).to_pylist()}
 
 
+def messy_args(src: Path, out: Path, model: Path) -> list[str]:
+    """The encode of messy_src that sd15_out publishes, in two chunks."""
+    return ["--src", str(src), "--out", str(out), "--model", str(model), *FAST, "--chunk-files", "6"]
+
+
 @pytest.fixture(scope="module")
 def sd15_out(messy_src: Path, tiny_sd15: Path, ray_cluster, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("enc") / "sd15"
-    r = encode(
-        [
-            "--src",
-            str(messy_src),
-            "--out",
-            str(out),
-            "--model",
-            str(tiny_sd15),
-            *FAST,
-            "--chunk-files",
-            "6",
-            "--ray-address",
-            ray_cluster.address,
-        ],
-        ray_cluster,
-    )
+    r = encode([*messy_args(messy_src, out, tiny_sd15), "--ray-address", ray_cluster.address], ray_cluster)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -192,21 +182,43 @@ def test_sd15_contract_drops_and_conversions(sd15_out: Path, messy_src: Path) ->
     assert len(Manifest.load(sd15_out).shards) >= 2 and (sd15_out / "pairs" / "chunk_00001").is_dir()
 
 
+def test_two_fresh_encodes_publish_byte_identical_shards(
+    sd15_out: Path, messy_src: Path, tiny_sd15: Path, ray_cluster, tmp_path: Path
+) -> None:
+    """Same input and config, a second fresh encode on the same two-node cluster with two encoder actors: every
+    published file (tar names and bytes, _part.json) is identical, and the manifests list the same shards."""
+    out = tmp_path / "again"
+    args = [
+        *messy_args(messy_src, out, tiny_sd15),
+        "--num-encoders",
+        "2",
+        "--ray-address",
+        ray_cluster.address,
+    ]
+    r = encode(args, ray_cluster)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def published(root: Path) -> dict[str, bytes]:
+        return {
+            str(p.relative_to(root)): p.read_bytes()
+            for d in ("pairs", "text")
+            for p in (root / d).rglob("*")
+            if p.is_file()
+        }
+
+    first, second = published(sd15_out), published(out)
+    assert sum(name.endswith(".tar") for name in first) >= 4
+    assert sorted(first) == sorted(second)
+    assert [n for n in first if first[n] != second[n]] == []
+    a, b = Manifest.load(sd15_out), Manifest.load(out)
+    assert a.shards == b.shards and a.text_shards == b.text_shards
+
+
 def test_rerun_is_a_noop_and_other_config_is_an_error(
     sd15_out: Path, messy_src: Path, tiny_sd15: Path, ray_cluster
 ) -> None:
     before = (sd15_out / "manifest.json").read_bytes()
-    args = [
-        "--src",
-        str(messy_src),
-        "--out",
-        str(sd15_out),
-        "--model",
-        str(tiny_sd15),
-        *FAST,
-        "--chunk-files",
-        "6",
-    ]
+    args = messy_args(messy_src, sd15_out, tiny_sd15)
     r = encode([*args, "--ray-address", ray_cluster.address], ray_cluster)
     assert r.returncode == 0 and "nothing to do" in r.stdout
     assert (sd15_out / "manifest.json").read_bytes() == before
@@ -303,19 +315,7 @@ def test_kill9_then_rerun_publishes_exactly_the_same_rows(
     sd15_out: Path, messy_src: Path, tiny_sd15: Path, ray_cluster, tmp_path: Path
 ) -> None:
     out = tmp_path / "o"
-    args = [
-        "--src",
-        str(messy_src),
-        "--out",
-        str(out),
-        "--model",
-        str(tiny_sd15),
-        *FAST,
-        "--chunk-files",
-        "6",
-        "--ray-address",
-        ray_cluster.address,
-    ]
+    args = [*messy_args(messy_src, out, tiny_sd15), "--ray-address", ray_cluster.address]
     env = {**ray_cluster.env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "stages.encode", *args],
@@ -337,6 +337,10 @@ def test_kill9_then_rerun_publishes_exactly_the_same_rows(
     assert r.returncode == 0, r.stderr[-3000:]
     got, want = read_samples(out), read_samples(sd15_out)
     assert sorted(got) == sorted(want)
+    attempts = {p.name.split("-")[1] for p in (out / "pairs" / "chunk_00000").glob("*.tar")}
+    assert "001" in attempts and attempts <= {"000", "001"}, (
+        "a resumed run must not reuse the killed run's names"
+    )
     assert Report.load(out).dropped == Report.load(sd15_out).dropped
 
 
