@@ -30,6 +30,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[dev]"
+	rm -rf .venv/oracle && $(PY) -m pip install -q --disable-pip-version-check --no-deps --target .venv/oracle \
+	  $$($(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["dpo-latents"]["test-oracle"])')
 	touch $@
 
 # Synthetic Pick-a-Pic-shaped parquet (train + validation), see embedded/synthetic.py for the preference rule.

@@ -65,8 +65,8 @@ def run(
     """One row per (backend, resolution): images/s (best of `repeat`) and mean/max abs error vs the reference."""
     jpegs = sample_jpegs(images, seed)
     backends: dict[str, Callable[[bytes, int], np.ndarray] | None] = {
-        "pil": lambda d, r: decode_image(d, r, "pil")[0],
-        "simplejpeg": lambda d, r: decode_image(d, r, "simplejpeg")[0],
+        "pil": lambda d, r: decode_image(d, r, preprocess="fast", decoder="pil")[0],
+        "simplejpeg": lambda d, r: decode_image(d, r, preprocess="fast", decoder="simplejpeg")[0],
         "pyturbojpeg": _turbojpeg_decoder(),
     }
     rows = []

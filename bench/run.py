@@ -299,7 +299,7 @@ def bench_encode(work: Path, rows: int) -> tuple[str, Path]:
 
 
 def bench_flip_gap() -> str:
-    images = [decode_image(jpeg, 64, "pil")[0] for jpeg in jpeg_decode.sample_jpegs(16)]
+    images = [decode_image(jpeg, 64)[0] for jpeg in jpeg_decode.sample_jpegs(16)]
     gap = flip_equivariance_gap(
         LatentEncoder(str(TINY_MODEL), device="cpu"), torch.from_numpy(np.stack(images))
     )

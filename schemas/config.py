@@ -33,6 +33,8 @@ class EncodeConfig:
         "moments"  # "moments" (mean + logvar, fresh sample per step) or "mean" (half the bytes)
     )
     flip: bool = True  # cache horizontally flipped variants, as the official recipe flips by default
+    preprocess: str = "official"  # "official": DiffusionDPO's decode/resize/crop bit for bit; "fast": DCT-scaled
+    alpha: str = "convert"  # "convert": drop alpha as .convert("RGB") does (official); "white": composite on white
     dtype: str = "auto"  # VAE/text encoder compute dtype: auto (fp16 on GPU unless force_upcast, else fp32), fp32, fp16, bf16
     tie_policy: str = (
         "drop"  # "drop" ties (label_0 == 0.5) or "keep" them (trainer treats them as soft labels)

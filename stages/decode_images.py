@@ -1,11 +1,13 @@
 """Image bytes → winner-first uint8 crops at the training resolution, with the metadata SDXL's time ids need.
 
 Pure functions (no Ray import): the Ray pipeline runs `decode_pairs` as CPU tasks, the benchmark and tests call
-them directly. Preprocessing follows the official DiffusionDPO recipe: resize the shortest side to R (bilinear),
-center crop R×R. The crop is taken with PIL's `resize(box=...)`, which samples exactly the pixels a full resize
-followed by a crop would keep, without materialising a huge intermediate for extreme aspect ratios.
-Bad rows are dropped with a reason, never failing the job; odd but valid images (grayscale, CMYK, palette, alpha,
-extreme aspect) are converted.
+them directly. The default (`preprocess="official"`) is DiffusionDPO's train.py bit for bit:
+`Image.open(b).convert("RGB")` → torchvision `Resize(R, BILINEAR)` (shortest side to R, long side truncated, PIL
+bilinear over the whole image) → `CenterCrop(R)`; tests/test_preprocess_oracle.py checks it against torchvision
+itself. `preprocess="fast"` decodes JPEGs already shrunk in the DCT and resizes only the crop box: a different
+low-pass filter, opt-in, with its measured deviation in the README. Alpha follows `.convert("RGB")` (the alpha
+channel is dropped) unless `alpha="white"` composites onto white. Bad rows are dropped with a reason, never
+failing the job; odd but valid images (grayscale, CMYK, palette, alpha, extreme aspect) are converted.
 """
 
 from __future__ import annotations
@@ -24,7 +26,18 @@ from schemas.manifest import DROP_EMPTY_IMAGE, DROP_NULL_IMAGE, DROP_UNDECODABLE
 from schemas.sample import ImageMeta, PairMeta, caption_key
 
 JPEG_MAGIC = b"\xff\xd8"
-DECODERS = ("simplejpeg", "pil")  # JPEG decoders; bench/jpeg_decode.py measured simplejpeg as the fastest
+DECODERS = (
+    "simplejpeg",
+    "pil",
+)  # JPEG decoders; at full scale both equal PIL's (tested), simplejpeg is faster
+PREPROCESS_MODES = ("official", "fast")
+ALPHA_MODES = ("convert", "white")
+# The official path materialises the whole resized image before cropping. Past this many pixels (an aspect ratio
+# beyond 64:1 at R = 1024) it resizes only the crop box instead, which can differ by one grey level.
+MAX_RESIZED_PIXELS = 1 << 26
+_ALPHA_IMAGE_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# simplejpeg converts these to RGB exactly as PIL does; its CMYK/YCCK → RGB differs from PIL's by one grey level
+_SIMPLEJPEG_COLORSPACES = ("YCbCr", "Gray")
 
 
 class ImageDropped(Exception):
@@ -54,60 +67,94 @@ def crop_geometry(original: tuple[int, int], resolution: int) -> Geometry:
     """torchvision's Resize(int) + CenterCrop arithmetic: long side truncated, offsets rounded."""
     h, w = original
     if h <= w:
-        new_h, new_w = resolution, max(resolution, int(resolution * w / h))
+        new_h, new_w = resolution, int(resolution * w / h)
     else:
-        new_h, new_w = max(resolution, int(resolution * h / w)), resolution
+        new_h, new_w = int(resolution * h / w), resolution
     top = round((new_h - resolution) / 2.0)
     left = round((new_w - resolution) / 2.0)
     return Geometry((new_h, new_w), top, left, resolution)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode → RGB; transparent pixels are composited on white rather than turning black."""
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+def check_options(preprocess: str, alpha: str, decoder: str = "simplejpeg") -> None:
+    for name, value, allowed in (
+        ("preprocess", preprocess, PREPROCESS_MODES),
+        ("alpha", alpha, ALPHA_MODES),
+        ("decoder", decoder, DECODERS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _to_rgb(img: Image.Image, alpha: str) -> Image.Image:
+    """`.convert("RGB")` as the official code does (alpha dropped), or transparency composited onto white."""
+    if alpha == "white" and (img.mode in _ALPHA_IMAGE_MODES or "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _open(data: bytes, geometry_of: Any, decoder: str) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode at the smallest JPEG scale that is still at least the resized size; returns (image, original hw)."""
+def _open(
+    data: bytes, resolution: int, decoder: str, dct_scaled: bool
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode to PIL; returns (image, original hw). With `dct_scaled`, a JPEG is decoded at the smallest DCT scale
+    that is still at least the resized size (the fast path); otherwise at full size, as the official code does."""
     if decoder == "simplejpeg" and data[:2] == JPEG_MAGIC:
         try:
-            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
-            rh, rw = geometry_of((h, w)).resized
-            return Image.fromarray(simplejpeg.decode_jpeg(data, "RGB", min_height=rh, min_width=rw)), (h, w)
+            h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            if colorspace in _SIMPLEJPEG_COLORSPACES:
+                rh, rw = crop_geometry((h, w), resolution).resized if dct_scaled else (0, 0)
+                rgb = simplejpeg.decode_jpeg(data, "RGB", min_height=rh, min_width=rw)
+                return Image.fromarray(rgb), (h, w)
         except ValueError:
-            pass  # CMYK, truncated, ...: PIL decides below whether the bytes are usable
+            pass  # truncated, ...: PIL decides below whether the bytes are usable
     img = Image.open(io.BytesIO(data))
     original = (img.height, img.width)
-    if img.format == "JPEG":
-        rh, rw = geometry_of(original).resized
+    if dct_scaled and img.format == "JPEG":
+        rh, rw = crop_geometry(original, resolution).resized
         img.draft("RGB", (rw, rh))  # DCT scaling; PIL keeps the result >= the requested size
     img.load()
     return img, original
 
 
+def _resize_and_crop(img: Image.Image, g: Geometry, whole_image: bool) -> np.ndarray:
+    """Resize so the shortest side is R, then take the center crop.
+
+    whole_image: PIL bilinear over the whole image, then the crop (torchvision's `Resize` then `CenterCrop`).
+    Otherwise only the crop box is resampled (`resize(box=...)`): the same filter positions in exact arithmetic,
+    but rounded differently, and from an image that may already be DCT-scaled, so its size is not the original's.
+    """
+    r = g.resolution
+    if whole_image and g.resized[0] * g.resized[1] <= MAX_RESIZED_PIXELS:
+        resized = img.resize((g.resized[1], g.resized[0]), Image.Resampling.BILINEAR)
+        return np.asarray(resized.crop((g.left, g.top, g.left + r, g.top + r)))
+    sy, sx = img.height / g.resized[0], img.width / g.resized[1]  # resized → decoded coordinates
+    box = (g.left * sx, g.top * sy, (g.left + r) * sx, (g.top + r) * sy)
+    return np.asarray(img.resize((r, r), Image.Resampling.BILINEAR, box=box))
+
+
 def decode_image(
-    data: bytes | None, resolution: int, decoder: str = "simplejpeg"
+    data: bytes | None,
+    resolution: int,
+    *,
+    preprocess: str = "official",
+    alpha: str = "convert",
+    decoder: str = "simplejpeg",
 ) -> tuple[np.ndarray, ImageMeta]:
     """Bytes → (uint8 [R, R, 3], ImageMeta with an empty uid); raises ImageDropped for unusable bytes."""
+    check_options(preprocess, alpha, decoder)
     if data is None:
         raise ImageDropped(DROP_NULL_IMAGE)
     if len(data) == 0:
         raise ImageDropped(DROP_EMPTY_IMAGE)
+    fast = preprocess == "fast"
     try:
-        img, original = _open(data, lambda hw: crop_geometry(hw, resolution), decoder)
-        img = _to_rgb(img)
+        img, original = _open(data, resolution, decoder, dct_scaled=fast)
+        img = _to_rgb(img, alpha)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageDropped(DROP_UNDECODABLE_IMAGE, str(e)) from e
     g = crop_geometry(original, resolution)
-    sy, sx = img.height / g.resized[0], img.width / g.resized[1]  # resized → decoded (drafted) coordinates
-    box = (g.left * sx, g.top * sy, (g.left + resolution) * sx, (g.top + resolution) * sy)
-    pixels = np.asarray(img.resize((resolution, resolution), Image.Resampling.BILINEAR, box=box))
+    pixels = _resize_and_crop(img, g, whole_image=not fast)
     meta = ImageMeta(
         uid="", original_size=original, crop_top_left=(g.top, g.left), crop_top_left_flip=(g.top, g.left_flip)
     )
@@ -124,7 +171,8 @@ def decode_pairs(
     *,
     resolution: int,
     drops_dir: str | None = None,
-    decoder: str = "simplejpeg",
+    preprocess: str = "official",
+    alpha: str = "convert",
 ) -> dict[str, np.ndarray]:
     """Ray `map_batches` UDF: parquet columns → ranking_id, json (PairMeta bytes), w, l (uint8 [N, R, R, 3]).
 
@@ -138,7 +186,10 @@ def decode_pairs(
         label_0 = float(batch["label_0"][i])
         order = (0, 1) if winner_first(label_0) else (1, 0)
         try:
-            decoded = [decode_image(batch[f"jpg_{j}"][i], resolution, decoder) for j in order]
+            decoded = [
+                decode_image(batch[f"jpg_{j}"][i], resolution, preprocess=preprocess, alpha=alpha)
+                for j in order
+            ]
         except ImageDropped as e:
             drops[str(rid)] = e.reason
             continue

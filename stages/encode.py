@@ -51,7 +51,7 @@ from schemas.sample import (
     model_family,
     read_tar,
 )
-from stages.decode_images import read_drops
+from stages.decode_images import check_options, read_drops
 from stages.formats import PairFormat, get_format
 from stages.ray_driver import RayUnreachable, init_with_deadline, probe_address, start_reaper
 from stages.read_pairs import REQUIRED_COLUMNS, InputError, Prescan, prescan, valid_labels
@@ -93,6 +93,10 @@ def check_config(config: EncodeConfig) -> None:
     if config.latent_mode not in LATENT_MODES:
         raise InputError(f"--latent-mode must be one of {LATENT_MODES}, got {config.latent_mode!r}")
     valid_labels(config.tie_policy)
+    try:
+        check_options(config.preprocess, config.alpha)
+    except ValueError as e:
+        raise InputError(f"--{e}") from None
     for name in (
         "resolution",
         "shard_size",
@@ -366,7 +370,12 @@ def encode_chunk(
         .map_batches(
             decode_pairs,
             batch_size=config.decode_batch_size,
-            fn_kwargs={"resolution": config.resolution, "drops_dir": drops_dir},
+            fn_kwargs={
+                "resolution": config.resolution,
+                "drops_dir": drops_dir,
+                "preprocess": config.preprocess,
+                "alpha": config.alpha,
+            },
         )
         .map_batches(
             LatentEncoder,
