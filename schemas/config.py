@@ -33,8 +33,10 @@ class EncodeConfig:
         "moments"  # "moments" (mean + logvar, fresh sample per step) or "mean" (half the bytes)
     )
     flip: bool = True  # cache horizontally flipped variants, as the official recipe flips by default
-    preprocess: str = "official"  # "official": DiffusionDPO's decode/resize/crop bit for bit; "fast": DCT-scaled
-    alpha: str = "convert"  # "convert": drop alpha as .convert("RGB") does (official); "white": composite on white
+    # "official": DiffusionDPO's decode, resize and crop bit for bit; "fast": DCT-scaled JPEG decode (README)
+    preprocess: str = "official"
+    # "convert": alpha dropped, as .convert("RGB") does (official); "white": composited onto white
+    alpha: str = "convert"
     dtype: str = "auto"  # VAE/text encoder compute dtype: auto (fp16 on GPU unless force_upcast, else fp32), fp32, fp16, bf16
     tie_policy: str = (
         "drop"  # "drop" ties (label_0 == 0.5) or "keep" them (trainer treats them as soft labels)
@@ -95,6 +97,10 @@ class TrainConfig:
     allow_tf32: bool = True
     lora_rank: int = 0  # 0 = full fine-tune; > 0 = LoRA with the reference = adapters disabled
     lora_alpha: float | None = None  # defaults to lora_rank
+    # SDXL micro-conditioning: "constant" = (R, R, 0, 0, R, R), DiffusionDPO's official SDXL recipe and what SDXL
+    # pipelines pass at inference by default; "image" = each image's stored original size and crop (diffusers'
+    # SDXL script, MaPO). Default: the official recipe, so results are comparable with the paper's.
+    sdxl_time_ids: str = "constant"
     # data stream
     num_workers: int = 2
     shards_in_flight: int = 4  # shards mixed together by each worker

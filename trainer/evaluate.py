@@ -23,7 +23,15 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from trainer.data import iter_eval_batches
 from trainer.losses import dpo_logits, dpo_loss, implicit_accuracy, reward_margin
-from trainer.model import Models, draw_eval_noise, load_models, pair_errors, reference_errors, to_device
+from trainer.model import (
+    SDXL_TIME_IDS,
+    Models,
+    draw_eval_noise,
+    load_models,
+    pair_errors,
+    reference_errors,
+    to_device,
+)
 
 METRICS = (
     "implicit_accuracy",
@@ -75,7 +83,9 @@ def evaluate(
                     pol = (
                         ref
                         if policy_is_reference
-                        else pair_errors(policy, models.scheduler, batch, noise, timesteps)
+                        else pair_errors(
+                            policy, models.scheduler, batch, noise, timesteps, models.sdxl_time_ids
+                        )
                     )
                 errors += torch.stack([*pol, *ref]).float() / draws
             pol_w, pol_l, ref_w, ref_l = errors
@@ -174,12 +184,12 @@ def caption_gap(
 
 
 def load_for_eval(
-    model: str, unet_dir: str | None, lora_dir: str | None
+    model: str, unet_dir: str | None, lora_dir: str | None, sdxl_time_ids: str = "constant"
 ) -> tuple[Models, UNet2DConditionModel]:
     """Reference = the base UNet of `model`; policy = `--unet`, or the base with `--lora` adapters, or the base."""
     if unet_dir and lora_dir:
         raise SystemExit("error: give --unet or --lora, not both")
-    base = load_models(model, need_reference=False)
+    base = load_models(model, need_reference=False, sdxl_time_ids=sdxl_time_ids)
     if lora_dir:
         weights = Path(lora_dir) / "pytorch_lora_weights.safetensors"
         if not weights.is_file():
@@ -188,7 +198,7 @@ def load_for_eval(
         return base, base.policy
     if unet_dir:
         policy = UNet2DConditionModel.from_pretrained(unet_dir)
-        return Models(policy, base.policy, base.scheduler), policy
+        return Models(policy, base.policy, base.scheduler, sdxl_time_ids), policy
     return base, base.policy
 
 
@@ -203,9 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--beta", type=float, default=5000.0)
     parser.add_argument("--draws", type=int, default=4, help="(noise, timestep) draws averaged per pair")
+    parser.add_argument(
+        "--sdxl-time-ids",
+        choices=SDXL_TIME_IDS,
+        default="constant",
+        help="SDXL micro-conditioning; use what the policy was trained with (default: constant)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args(argv)
-    models, policy = load_for_eval(args.model, args.unet, args.lora)
+    models, policy = load_for_eval(args.model, args.unet, args.lora, args.sdxl_time_ids)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models.policy.to(device)
     if models.reference is not None:

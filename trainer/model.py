@@ -20,6 +20,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from schemas.seeds import seed_of
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# SDXL micro-conditioning. "constant": (R, R, 0, 0, R, R) for every image, as DiffusionDPO's train.py does and as
+# SDXL pipelines condition at inference by default; "image": each image's original size and crop, as diffusers'
+# train_text_to_image_sdxl.py and MaPO do. See TrainConfig.sdxl_time_ids for the default.
+SDXL_TIME_IDS = ("constant", "image")
 _NOISE_DOMAIN = (
     0x4E4F495345  # keeps training-noise seeds apart from the data stream's (seed, slot, batch) seeds
 )
@@ -35,6 +39,7 @@ class Models:
     policy: UNet2DConditionModel
     reference: UNet2DConditionModel | None  # None: the policy with its LoRA adapters disabled
     scheduler: DDPMScheduler
+    sdxl_time_ids: str = "constant"  # one of SDXL_TIME_IDS
 
     @cached_property
     def is_lora(self) -> bool:
@@ -51,8 +56,11 @@ def load_models(
     unet_dir: str | None = None,
     gradient_checkpointing: bool = False,
     reference_dtype: torch.dtype = torch.float32,
+    sdxl_time_ids: str = "constant",
 ) -> Models:
     """Load `model`'s unet/ and scheduler/ (or the UNet from `unet_dir`), add LoRA when lora_rank > 0."""
+    if sdxl_time_ids not in SDXL_TIME_IDS:
+        raise ValueError(f"sdxl_time_ids must be one of {SDXL_TIME_IDS}, got {sdxl_time_ids!r}")
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     policy = (
         UNet2DConditionModel.from_pretrained(unet_dir)
@@ -76,7 +84,7 @@ def load_models(
     if gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     policy.train()
-    return Models(policy, reference, scheduler)
+    return Models(policy, reference, scheduler, sdxl_time_ids)
 
 
 def draw_noise(
@@ -120,10 +128,27 @@ class PairOutput:
         return self.err_w, self.err_l
 
 
+def sdxl_time_ids(batch: dict, mode: str) -> torch.Tensor:
+    """[2B, 6] time ids for [winners; losers] from the stored per-image ids (original h, w, crop top, left, R, R)."""
+    ids = torch.cat([batch["w_time_ids"], batch["l_time_ids"]])
+    if mode == "image":
+        return ids
+    if mode == "constant":
+        target = ids[:, 4:6]
+        return torch.cat([target, torch.zeros_like(target), target], dim=1)
+    raise ValueError(f"sdxl_time_ids must be one of {SDXL_TIME_IDS}, got {mode!r}")
+
+
 def pair_forward(
-    unet: torch.nn.Module, scheduler: DDPMScheduler, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    batch: dict,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    time_ids: str = "constant",
 ) -> PairOutput:
-    """One forward over [winners; losers] with the pair's shared noise and timestep."""
+    """One forward over [winners; losers] with the pair's shared noise and timestep. `time_ids` picks the SDXL
+    micro-conditioning (SDXL_TIME_IDS); SD1.5 batches ignore it."""
     latents = torch.cat([batch["w_latents"], batch["l_latents"]])
     noise2 = torch.cat([noise, noise]).to(latents)
     t2 = torch.cat([timesteps, timesteps]).to(latents.device)
@@ -140,11 +165,11 @@ def pair_forward(
     dtype = next(unet.parameters()).dtype
     prompt = batch["prompt_embeds"]
     added = None
-    if "pooled_prompt_embeds" in batch:  # SDXL: pooled text + the per-image stored time ids
+    if "pooled_prompt_embeds" in batch:  # SDXL: pooled text + time ids
         pooled = batch["pooled_prompt_embeds"]
         added = {
             "text_embeds": torch.cat([pooled, pooled]).to(dtype),
-            "time_ids": torch.cat([batch["w_time_ids"], batch["l_time_ids"]]).to(dtype),
+            "time_ids": sdxl_time_ids(batch, time_ids).to(dtype),
         }
     pred = unet(
         noisy.to(dtype),
@@ -157,10 +182,15 @@ def pair_forward(
 
 
 def pair_errors(
-    unet: torch.nn.Module, scheduler: DDPMScheduler, batch: dict, noise: torch.Tensor, timesteps: torch.Tensor
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    batch: dict,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    time_ids: str = "constant",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e_w, e_l), each [B] fp32."""
-    return pair_forward(unet, scheduler, batch, noise, timesteps).errors
+    return pair_forward(unet, scheduler, batch, noise, timesteps, time_ids).errors
 
 
 @contextmanager
@@ -182,10 +212,10 @@ def reference_forward(
     no_grad rather than inference_mode: these tensors enter a loss that saves tensors for backward.
     """
     if models.reference is not None:
-        return pair_forward(models.reference, models.scheduler, batch, noise, timesteps)
+        return pair_forward(models.reference, models.scheduler, batch, noise, timesteps, models.sdxl_time_ids)
     ctx = adapters_disabled(policy) if models.is_lora else nullcontext()
     with ctx:
-        return pair_forward(policy, models.scheduler, batch, noise, timesteps)
+        return pair_forward(policy, models.scheduler, batch, noise, timesteps, models.sdxl_time_ids)
 
 
 def reference_errors(

@@ -107,7 +107,7 @@ def micro_batch_loss(trainer: Trainer, batch: dict) -> tuple[torch.Tensor, dict[
             if objective.needs_mismatched_pass
             else None
         )
-        pol = pair_forward(trainer.unet, models.scheduler, batch, noise, timesteps)
+        pol = pair_forward(trainer.unet, models.scheduler, batch, noise, timesteps, models.sdxl_time_ids)
     return objective(
         pol,
         ref,

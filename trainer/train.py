@@ -31,7 +31,7 @@ from trainer.data import LatentPairStream, make_loader
 from trainer.evaluate import evaluate
 from trainer.losses import REFERENCE_FREE, default_beta
 from trainer.metrics import MetricWindow
-from trainer.model import Models, load_models, to_device
+from trainer.model import SDXL_TIME_IDS, Models, load_models, to_device
 from trainer.objective import Objective, check_objective
 from trainer.optim import build_lr_scheduler, build_optimizer, effective_lr
 from trainer.step import Trainer, train_step
@@ -56,6 +56,8 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append("max_steps, batch_size, gradient_accumulation_steps and log_every must be >= 1")
     if cfg.lora_rank < 0 or cfg.checkpoint_every < 0 or cfg.eval_every < 0:
         problems.append("lora_rank, checkpoint_every and eval_every must be >= 0")
+    if cfg.sdxl_time_ids not in SDXL_TIME_IDS:
+        problems.append(f"--sdxl-time-ids must be one of {SDXL_TIME_IDS}, got {cfg.sdxl_time_ids!r}")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 
@@ -140,6 +142,7 @@ def build_trainer(cfg: TrainConfig, accelerator: Accelerator) -> Trainer:
         need_reference=cfg.loss not in REFERENCE_FREE,
         gradient_checkpointing=cfg.gradient_checkpointing,
         reference_dtype=TORCH_DTYPES[cfg.mixed_precision],
+        sdxl_time_ids=cfg.sdxl_time_ids,
     )
     if models.reference is not None:
         models.reference.to(accelerator.device)  # frozen, so never prepared (no DDP, no optimizer)
