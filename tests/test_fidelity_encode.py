@@ -1,0 +1,194 @@
+"""What the encode stores = what the official recipe computes, and the two halves joined on real encode output.
+
+Pick-a-Pic-shaped rows built from the textured image zoo (tests/fixtures/image_zoo.py) go through the real
+`stages.encode` CLI on the session's Ray cluster, for tiny SD1.5 and SDXL. Every stored moment is compared with
+`vae.encode(x).latent_dist.mean/logvar` of the tensor torchvision's train_transforms produce from the same bytes
+(Resize → CenterCrop → flip or not → ToTensor → Normalize), as DiffusionDPO's train.py does at every step: equal
+within fp16 rounding. The same output then feeds the trainer's stream, a training step and `trainer.evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from schemas.manifest import Manifest
+from schemas.sample import PairMeta, decode_tensors
+from stages.decode_images import decode_pairs
+from stages.encode_latents import LatentEncoder
+from stages.read_pairs import REQUIRED_COLUMNS
+from tests.fixtures.image_zoo import image_zoo, official_tensor
+from trainer.data import LatentPairStream
+from trainer.evaluate import evaluate, load_for_eval
+from trainer.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+R = 64
+CAPTIONS = ["a red fox", "stripes and noise", "a tall tower", "gradients"]
+
+
+@pytest.fixture(scope="module")
+def zoo_parquet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, dict]]:
+    """One parquet file: consecutive zoo images paired (so jpg_0 and jpg_1 differ in size and encoding), the
+    preferred image alternating between jpg_0 and jpg_1."""
+    zoo = list(image_zoo().values())
+    rows = [
+        {
+            "ranking_id": 100 + i,
+            "caption": CAPTIONS[i % len(CAPTIONS)],
+            "jpg_0": zoo[i],
+            "jpg_1": zoo[(i + 1) % len(zoo)],
+            "label_0": 1.0 if i % 2 == 0 else 0.0,
+            "image_0_uid": f"img{i}",
+            "image_1_uid": f"img{(i + 1) % len(zoo)}",
+        }
+        for i in range(len(zoo))
+    ]
+    src = tmp_path_factory.mktemp("zoo") / "train"
+    src.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), src / "zoo-00000.parquet")
+    return src, {row["ranking_id"]: row for row in rows}
+
+
+def run_encode(src: Path, out: Path, model: Path, cluster, *extra: str) -> Path:
+    args = ["--src", str(src), "--out", str(out), "--model", str(model), "--resolution", str(R)]
+    args += ["--shard-size", "8", "--num-encoders", "1", "--ray-address", cluster.address, *extra]
+    env = {**cluster.env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run(
+        [sys.executable, "-m", "stages.encode", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoded(zoo_parquet, tiny_sd15: Path, tiny_sdxl: Path, ray_cluster, tmp_path_factory) -> dict[str, Path]:
+    src, _ = zoo_parquet
+    root = tmp_path_factory.mktemp("zoo-encoded")
+    return {
+        "sd15": run_encode(src, root / "sd15", tiny_sd15, ray_cluster),
+        "sdxl": run_encode(src, root / "sdxl", tiny_sdxl, ray_cluster),
+    }
+
+
+def stored_pairs(out: Path) -> list[tuple[PairMeta, dict[str, torch.Tensor]]]:
+    manifest = Manifest.load(out)
+    pairs = []
+    for entry in manifest.shards:
+        with tarfile.open(out / entry.path) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name, data in sorted(members.items()):
+            if name.endswith(".json"):
+                tensors = members[name.removesuffix(".json") + ".safetensors"]
+                pairs.append((PairMeta.from_json_bytes(data), decode_tensors(tensors, [], name)))
+    return pairs
+
+
+@torch.no_grad()
+def official_moments(vae: AutoencoderKL, data: bytes, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dist = vae.encode(official_tensor(data, R, flip=flip)[None]).latent_dist
+    return dist.mean[0], dist.logvar[0]
+
+
+def fp16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of fp16 values around x (2^-24 in the subnormal range)."""
+    exponent = torch.floor(torch.log2(x.abs().clamp_min(2.0**-14)))
+    return torch.pow(2.0, exponent - 10)
+
+
+def deviations(
+    pairs: list[tuple[PairMeta, dict[str, torch.Tensor]]], model: Path, rows: dict[int, dict]
+) -> dict[str, float]:
+    """Over all stored tensors, per part (mean, logvar): the largest relative L2 error against the official moments,
+    and the largest |stored − official| beyond one fp16 ulp of the official value, in units of the tensor's RMS.
+
+    Rounding to fp16 moves a value by at most half an ulp of itself. The encode's fp32 VAE pass differs from the
+    oracle's by float noise (batched convolutions; x/127.5 − 1 against torchvision's (x/255 − 0.5)/0.5), which
+    shows only near zero, where the fp16 grid is finer than that noise: measured ≤ 7e-4 of the RMS.
+    """
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
+    worst: dict[str, float] = {}
+    assert len(pairs) == len(rows)
+    for meta, tensors in pairs:
+        row = rows[meta.ranking_id]
+        preferred, other = ("jpg_0", "jpg_1") if row["label_0"] == 1.0 else ("jpg_1", "jpg_0")
+        for side, column in (("w", preferred), ("l", other)):
+            for flip in (False, True):
+                mean, logvar = official_moments(vae, row[column], flip)
+                for part, ref in (("mean", mean), ("logvar", logvar)):
+                    name = f"{side}_{part}{'_flip' if flip else ''}"
+                    got = torch.as_tensor(tensors[name]).float()
+                    rms = ref.pow(2).mean().sqrt()
+                    excess = float(((got - ref).abs() - fp16_ulp(ref)).clamp_min(0).max() / rms)
+                    rel = float((got - ref).norm() / ref.norm())
+                    worst[f"{part} excess"] = max(worst.get(f"{part} excess", 0.0), excess)
+                    worst[f"{part} rel"] = max(worst.get(f"{part} rel", 0.0), rel)
+    return worst
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_stored_moments_equal_the_official_recipe_within_fp16_rounding(
+    family: str, encoded: dict[str, Path], zoo_parquet, request: pytest.FixtureRequest
+) -> None:
+    model = request.getfixturevalue(f"tiny_{family}")
+    worst = deviations(stored_pairs(encoded[family]), model, zoo_parquet[1])
+    assert max(worst["mean excess"], worst["logvar excess"]) < 2.0**-9, worst  # ≈ 2e-3 of the RMS
+    assert max(worst["mean rel"], worst["logvar rel"]) < 1e-3, worst  # fp16 rounding alone: ≤ 4.9e-4
+
+
+def test_the_tolerance_catches_the_fast_path(zoo_parquet, tiny_sd15: Path) -> None:
+    """The same comparison on the opt-in fast path's moments (the old default) fails by orders of magnitude."""
+    _, rows = zoo_parquet
+    batch = {k: np.array([row[k] for row in rows.values()], dtype=object) for k in REQUIRED_COLUMNS}
+    batch["label_0"] = batch["label_0"].astype(np.float64)
+    moments = LatentEncoder(str(tiny_sd15), device="cpu")(
+        decode_pairs(batch, resolution=R, preprocess="fast")
+    )
+    pairs = [
+        (PairMeta.from_json_bytes(meta), {k: v[i] for k, v in moments.items() if k.startswith(("w_", "l_"))})
+        for i, meta in enumerate(moments["json"])
+    ]
+    worst = deviations(pairs, tiny_sd15, rows)
+    assert worst["mean rel"] > 0.05 and worst["mean excess"] > 0.1, worst
+
+
+def test_encode_output_trains_and_evaluates(
+    encoded: dict[str, Path], tiny_sdxl: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Real encode output → the trainer's stream → two DPO steps (constant time ids) → `trainer.evaluate`."""
+    data = encoded["sdxl"]
+    stream = LatentPairStream(data, batch_size=2, seed=0)
+    batch = next(iter(stream))
+    assert batch["w_latents"].shape == (2, *Manifest.load(data).latent_shape)
+    assert batch["w_time_ids"].shape == (2, 6) and torch.isfinite(batch["w_latents"]).all()
+    args = ["--data", str(data), "--model", str(tiny_sdxl), "--output-dir", str(tmp_path / "run")]
+    args += ["--max-steps", "2", "--batch-size", "2", "--learning-rate", "1e-3", "--no-scale-lr"]
+    args += ["--lr-warmup-steps", "0", "--num-workers", "0", "--checkpoint-every", "0", "--report-to", "none"]
+    args += ["--val-data", str(data), "--eval-max-pairs", "6", "--eval-draws", "1"]
+    assert train_main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["global_step"] == 2 and summary["eval_num_pairs"] == 6
+    trained = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "final" / "unet")
+    base = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters(), strict=True))
+    models, policy = load_for_eval(str(tiny_sdxl), str(tmp_path / "run" / "final" / "unet"), None)
+    result = evaluate(models, policy, data, batch_size=4, max_pairs=6, draws=1)
+    assert result["num_pairs"] == 6 and 0.0 <= result["implicit_accuracy"] <= 1.0
+    assert (
+        result["policy_err_w"] != result["ref_err_w"]
+    )  # the trained policy is scored, not the reference twice
