@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -22,10 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 
-from bench import jpeg_decode, s3_stream
+from bench import decode_resize, s3_stream
 from bench.report import machine, table
 from embedded.latent_dataset import write_latent_dataset
+from embedded.synthetic import COLOURS, OBJECTS, render_image
 from schemas.manifest import Manifest
 from schemas.sample import latent_tensor_names
 from stages.decode_images import decode_image
@@ -180,31 +183,10 @@ def bench_resume(data: Path, repeat: int) -> tuple[str, dict]:
     return text, figures
 
 
-def bench_jpeg(repeat: int) -> str:
-    rows = []
-    for r in jpeg_decode.run((512, 1024), images=24, repeat=repeat):
-        if not r["available"]:
-            rows.append([r["backend"], r["resolution"], "not installed (needs libturbojpeg)", "", ""])
-        else:
-            rows.append(
-                [
-                    r["backend"],
-                    r["resolution"],
-                    f"{r['images_per_s']:,.0f}",
-                    r["mean_abs_err"],
-                    r["max_abs_err"],
-                ]
-            )
-    return (
-        "### JPEG decode + resize + center crop, per core\n\n"
-        f"`python -m bench.jpeg_decode --resolution 512 1024 --repeat {repeat}` — synthetic 512–1024 px JPEGs, "
-        "one thread, best of repeats; error in uint8 levels against a full-resolution PIL decode + resize. "
-        "All three wrap libjpeg-turbo and scale in the DCT domain, so they tie within noise; the resize after "
-        "the scaled decode dominates. The encode stage uses simplejpeg (a pip wheel with its own libjpeg-turbo) "
-        "and falls back to PIL; PyTurboJPEG is no dependency (it needs `apt-get install libturbojpeg0` and "
-        "`pip install 'PyTurboJPEG<2'` for libjpeg-turbo 2.x).\n\n"
-        + table(["backend", "resolution", "images/s", "mean abs err", "max abs err"], rows)
-    )
+def bench_decode(repeat: int) -> str:
+    vae = AutoencoderKL.from_pretrained(TINY_MODEL, subfolder="vae").eval()
+    resolutions = (512, 1024)
+    return decode_resize.section(decode_resize.run(resolutions, repeat, vae), resolutions, repeat)
 
 
 def ensure_demo_inputs() -> None:
@@ -299,7 +281,11 @@ def bench_encode(work: Path, rows: int) -> tuple[str, Path]:
 
 
 def bench_flip_gap() -> str:
-    images = [decode_image(jpeg, 64)[0] for jpeg in jpeg_decode.sample_jpegs(16)]
+    rng = random.Random(0)
+    jpegs = [
+        render_image(rng, rng.choice(OBJECTS), c, c, False).jpeg for c in rng.choices(list(COLOURS), k=16)
+    ]
+    images = [decode_image(jpeg, 64)[0] for jpeg in jpegs]
     gap = flip_equivariance_gap(
         LatentEncoder(str(TINY_MODEL), device="cpu"), torch.from_numpy(np.stack(images))
     )
@@ -400,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         sections += [
             text,
             encode_text,
-            bench_jpeg(repeat),
+            bench_decode(repeat),
             bench_flip_gap(),
             bench_train(work, encoded, 20 if args.quick else 150, repeat),
         ]
