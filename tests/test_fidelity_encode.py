@@ -10,8 +10,6 @@ within fp16 rounding. The same output then feeds the trainer's stream, a trainin
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -28,11 +26,11 @@ from stages.decode_images import decode_pairs
 from stages.encode_latents import LatentEncoder
 from stages.read_pairs import REQUIRED_COLUMNS
 from tests.fixtures.image_zoo import image_zoo, official_tensor
+from tests.test_encode import encode as encode_cli
 from trainer.data import LatentPairStream
 from trainer.evaluate import evaluate, load_for_eval
 from trainer.train import main as train_main
 
-REPO = Path(__file__).resolve().parents[1]
 R = 64
 CAPTIONS = ["a red fox", "stripes and noise", "a tall tower", "gradients"]
 
@@ -63,15 +61,7 @@ def zoo_parquet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[in
 def run_encode(src: Path, out: Path, model: Path, cluster, *extra: str) -> Path:
     args = ["--src", str(src), "--out", str(out), "--model", str(model), "--resolution", str(R)]
     args += ["--shard-size", "8", "--num-encoders", "1", "--ray-address", cluster.address, *extra]
-    env = {**cluster.env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    r = subprocess.run(
-        [sys.executable, "-m", "stages.encode", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = encode_cli(args, cluster)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
