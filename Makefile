@@ -73,7 +73,8 @@ train: $(STAMP)
 # Synthetic data → encode (train + validation) → DPO with configs/demo.toml → held-out accuracy, before and after.
 demo: models/tiny-sd15/.pretrained data/encoded/tiny-sd15/validation/manifest.json
 	$(PY) -m trainer.demo --config configs/demo.toml --data data/encoded/tiny-sd15/train \
-	  --val-data data/encoded/tiny-sd15/validation --model models/tiny-sd15 --output-dir runs/demo
+	  --val-data data/encoded/tiny-sd15/validation --model models/tiny-sd15 --output-dir runs/demo \
+	  --overwrite-output-dir
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -318,6 +318,7 @@ def bench_train(work: Path, latent_data: Path, steps: int, repeat: int) -> str:
                     str(TINY_MODEL),
                     "--output-dir",
                     str(work / f"train-{i}"),
+                    "--overwrite-output-dir",  # each variant replaces the previous one's run
                     "--max-steps",
                     str(steps),
                     "--batch-size",

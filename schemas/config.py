@@ -110,6 +110,10 @@ class TrainConfig:
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 3
     resume: str | None = None  # "latest" or a checkpoint directory
+    overwrite_output_dir: bool = False  # replace the run output_dir holds (its checkpoints, final/, logs)
+    max_skipped_fraction: float = (
+        0.1  # stop (exit 3) when more steps than this had a non-finite loss or gradient
+    )
     log_every: int = 10
     eval_every: int = 0  # with val_data: evaluate every N steps (0 = only at the end)
     eval_max_pairs: int = 512
@@ -124,6 +128,21 @@ def _base_type(tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0]
     return tp
+
+
+def _check_type(parser: argparse.ArgumentParser, path: str, key: str, value: Any, hint: Any) -> None:
+    """A file value must already have its field's type (TOML `max_steps = "20"` is a string, not a count): an error
+    naming the key instead of a comparison failing deep inside the run. An int is accepted where a float is due."""
+    if value is None and hint is not _base_type(hint):
+        return
+    tp = _base_type(hint)
+    if tp in (int, float, bool, str):
+        ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+        ok = ok or (tp is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            parser.error(
+                f"config {path}: {key} = {value!r} is a {type(value).__name__}, expected {tp.__name__}"
+            )
 
 
 def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
@@ -157,15 +176,20 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def parse_config(cls: type[T], argv: list[str] | None, description: str) -> T:
-    """Defaults < config file < command line; unknown keys in the file are an error naming the key."""
-    args = build_parser(cls, description).parse_args(argv)
+    """Defaults < config file < command line; an unknown key or a value of the wrong type in the file is an error
+    naming the key (exit 2, as argparse does for a bad flag)."""
+    parser = build_parser(cls, description)
+    args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     known = {f.name for f in fields(cls)}
     if args.config:
         file_values = load_config_file(args.config)
         unknown = sorted(set(file_values) - known)
         if unknown:
-            raise SystemExit(f"error: config {args.config}: unknown keys {unknown}")
+            parser.error(f"config {args.config}: unknown keys {unknown}")
+        hints = typing.get_type_hints(cls)
+        for key, value in file_values.items():
+            _check_type(parser, args.config, key, value, hints[key.replace("-", "_")])
         values.update({k.replace("-", "_"): v for k, v in file_values.items()})
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
     return cls(**values)

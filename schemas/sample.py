@@ -33,6 +33,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from schemas import storage
+from schemas.errors import InputError
 
 PAIR_META_EXT = "json"
 TENSORS_EXT = "safetensors"
@@ -44,7 +45,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float1
 CHECKSUM = "crc32"  # the algorithm named in the manifest; members written by this version carry one
 
 
-class CorruptSampleError(ValueError):
+class CorruptSampleError(InputError):
     """A sample whose bytes do not match its stored checksum, or that cannot be decoded: the file is damaged."""
 
 

@@ -12,12 +12,12 @@ from accelerate import Accelerator
 
 from schemas.atomic import atomic_write_json, process_umask
 from schemas.config import TrainConfig
+from schemas.errors import InputError
 from trainer.checkpoint import (
     TrainState,
     check_topology,
     list_checkpoints,
     load_checkpoint,
-    resolve_resume,
     save_checkpoint,
 )
 from trainer.optim import build_lr_scheduler, build_optimizer
@@ -60,7 +60,7 @@ def test_round_trip_continues_identically(tmp_path: Path, optimizer: str) -> Non
 
     fresh, opt2, sched2 = _setup(optimizer, seed=1)
     fresh[0].bias.data.copy_(model[0].bias)  # frozen weights come from the base model, not the checkpoint
-    with pytest.raises(SystemExit, match="batch_size: checkpoint 5, now 4"):
+    with pytest.raises(InputError, match="batch_size: checkpoint 5, now 4"):
         load_checkpoint(path, accelerator, fresh, opt2, sched2, {**topology, "batch_size": 4})
     assert load_checkpoint(path, accelerator, fresh, opt2, sched2, topology) == saved
     assert sched2.get_last_lr() == pytest.approx([1e-2])  # warmup of 3 steps done
@@ -70,22 +70,26 @@ def test_round_trip_continues_identically(tmp_path: Path, optimizer: str) -> Non
         assert torch.equal(a, b)
 
 
-def test_latest_ignores_tmp_and_prunes(tmp_path: Path) -> None:
+def test_pruning_deletes_only_the_runs_own_checkpoints(tmp_path: Path) -> None:
+    """Another run's checkpoints (higher step numbers, so they sort later) survive this run's pruning."""
     accelerator = Accelerator()
     model, opt, sched = _setup("adamw")
     _step(model, opt, sched, 0)
+
+    def save(step: int, run_id: str) -> None:
+        state = TrainState(global_step=step)
+        save_checkpoint(accelerator, tmp_path, state, model, opt, sched, {"run_id": run_id}, total_limit=2)
+
+    save(9, "other")
     for step in (1, 2, 3):
-        save_checkpoint(
-            accelerator, tmp_path, TrainState(global_step=step), model, opt, sched, {}, total_limit=2
-        )
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
-    torn = tmp_path / "checkpoints" / "step_00000009.tmp"  # a save killed half-way
+        save(step, "mine")
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["step_00000002", "step_00000003", "step_00000009"]
+    assert [p.name for p in list_checkpoints(tmp_path, "mine")] == ["step_00000002", "step_00000003"]
+    torn = tmp_path / "checkpoints" / "step_00000004.tmp"  # a save killed half-way
     torn.mkdir()
     (torn / "model.safetensors").write_bytes(b"partial")
-    assert resolve_resume("latest", tmp_path).name == "step_00000003"
-    assert resolve_resume("latest", tmp_path / "elsewhere") is None
-    with pytest.raises(FileNotFoundError, match=r"state\.json"):
-        resolve_resume(str(torn), tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path, "mine")][-1] == "step_00000003"
 
 
 def test_wrong_weights_are_refused(tmp_path: Path) -> None:
@@ -96,14 +100,14 @@ def test_wrong_weights_are_refused(tmp_path: Path) -> None:
     )
     other = torch.nn.Sequential(torch.nn.Linear(4, 8))
     opt2 = build_optimizer(other.parameters(), TrainConfig(), lr=1e-2)
-    with pytest.raises(SystemExit, match="does not match the model"):
+    with pytest.raises(InputError, match="does not match the model"):
         load_checkpoint(path, accelerator, other, opt2, build_lr_scheduler(opt2, TrainConfig()))
 
 
 def test_topology_mismatch_is_refused(tmp_path: Path) -> None:
     saved = json.loads(json.dumps({"world_size": 2, "batch_size": 4, "num_workers": 1}))
     check_topology(tmp_path, saved, dict(saved))
-    with pytest.raises(SystemExit, match=r"world_size: checkpoint 2, now 1"):
+    with pytest.raises(InputError, match=r"world_size: checkpoint 2, now 1"):
         check_topology(tmp_path, saved, {**saved, "world_size": 1})
 
 

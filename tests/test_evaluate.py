@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers import UNet2DConditionModel
 
+from embedded.latent_dataset import write_latent_dataset
+from schemas.config import TrainConfig
+from tests.fixtures.damage import poison_pairs
 from trainer import evaluate as evaluate_cli
+from trainer.checkpoint import TrainState, save_checkpoint
+from trainer.model import load_models
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
@@ -110,3 +121,78 @@ def test_other_captions_picks_a_different_caption_or_none() -> None:
     other = evaluate_cli._other_captions(prompts)
     assert other.tolist() == [2, 2, 4, 4, 2]
     assert evaluate_cli._other_captions(torch.ones(3, 1)).tolist() == [-1, -1, -1]
+
+
+def test_non_finite_pairs_are_left_out_and_the_json_is_strict(tiny_sd15: Path, tmp_path: Path) -> None:
+    """NaN latents in a quarter of the pairs: the CLI (a real process) prints strict JSON, counts them, warns."""
+    data = write_latent_dataset(tmp_path / "d", num_pairs=16, shard_size=8)
+    poisoned = poison_pairs(data, 0, float("nan"), every=2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.evaluate", "--data", str(data), "--model", str(tiny_sd15), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"bare {token} in the output")
+
+    result = json.loads(proc.stdout, parse_constant=refuse)
+    assert result["non_finite_pairs"] == len(poisoned) == 4 and result["num_pairs"] == 12
+    assert result["implicit_accuracy"] == 0.5  # the reference against itself, over the finite pairs
+    assert "4 pairs with non-finite errors were left out" in proc.stderr
+
+
+def test_strict_json_turns_non_finite_into_null() -> None:
+    line = evaluate_cli.strict_json({"a": float("nan"), "b": float("inf"), "c": 1.5, "n": 3})
+    assert json.loads(line) == {"a": None, "b": None, "c": 1.5, "n": 3}
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
+def test_a_training_checkpoint_can_be_evaluated(
+    tiny_sd15: Path, latent_sd15: Path, tmp_path: Path, lora_rank: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--unet RUN/checkpoints/step_N scores exactly what the same weights score when exported as a UNet folder."""
+    models = load_models(str(tiny_sd15), lora_rank=lora_rank, need_reference=False)
+    with torch.no_grad():
+        for name, p in models.policy.named_parameters():
+            if p.requires_grad and ("lora_B" in name or name == "conv_out.bias"):
+                p.add_(0.05)
+    optimizer = torch.optim.AdamW([p for p in models.policy.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    config = asdict(TrainConfig(model=str(tiny_sd15), data=str(latent_sd15), lora_rank=lora_rank))
+    state = {"config": config, "data": {"resolution": 64}}
+    accelerator = Accelerator(cpu=True)
+    ckpt = save_checkpoint(
+        accelerator, tmp_path, TrainState(3, 3), models.policy, optimizer, scheduler, state, 0
+    )
+    AcceleratorState._reset_state(reset_partial_state=True)
+    merged = models.policy
+    if lora_rank:
+        merged.fuse_lora()
+        merged.unload_lora()
+    merged.save_pretrained(tmp_path / "exported")
+    base = ["--data", str(latent_sd15), "--model", str(tiny_sd15), "--max-pairs", "8"]
+    from_checkpoint = _run(capsys, *base, "--unet", str(ckpt))
+    exported = _run(capsys, *base, "--unet", str(tmp_path / "exported"))
+    assert from_checkpoint["policy_err_w"] != from_checkpoint["ref_err_w"]
+    for k in ("policy_err_w", "policy_err_l", "ref_err_w", "ref_err_l"):
+        assert from_checkpoint[k] == pytest.approx(exported[k], rel=1e-4), k
+    with pytest.raises(SystemExit, match="neither a UNet folder"):
+        evaluate_cli.main([*base, "--unet", str(tmp_path)])
+
+
+def test_eval_data_at_another_resolution(
+    tiny_sd15: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused against the resolution a checkpoint was trained at; a loud warning against the UNet's native size."""
+    data = write_latent_dataset(tmp_path / "d128", num_pairs=4, resolution=128, latent_shape=(4, 16, 16))
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    with pytest.raises(SystemExit, match=r"encoded at resolution 128, the policy was trained at 64"):
+        evaluate_cli.check_eval_resolution(data, 64, unet)
+    assert evaluate_cli.main(["--data", str(data), "--model", str(tiny_sd15), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["num_pairs"] == 4
+    assert "encoded at resolution 128, the UNet's native size is 64" in out.err

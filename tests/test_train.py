@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from embedded.latent_dataset import write_latent_dataset
 from schemas.atomic import process_umask, read_json
 from schemas.manifest import Manifest
-from tests.fixtures.damage import poison_pairs
+from tests.fixtures.damage import flip_byte, poison_pairs
 from trainer import demo, train
 from trainer.evaluate import evaluate, load_for_eval
 from trainer.model import draw_noise, load_models, pair_errors, reference_errors
@@ -45,10 +46,12 @@ def _fresh_accelerate_state():
     GradientState._reset_state()
 
 
-def run_train(data: Path, model: Path, out: Path, *args: str) -> None:
-    assert (
-        train.main(["--data", str(data), "--model", str(model), "--output-dir", str(out), *FAST, *args]) == 0
-    )
+def train_argv(data: Path, model: Path, out: Path, *args: str) -> list[str]:
+    return ["--data", str(data), "--model", str(model), "--output-dir", str(out), *FAST, *args]
+
+
+def run_train(data: Path, model: Path, out: Path, *args: str, code: int = 0) -> None:
+    assert train.main(train_argv(data, model, out, *args)) == code
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -120,7 +123,9 @@ def test_lora_reference_is_the_base_unet(tiny_sd15: Path, latent_sd15: Path) -> 
     assert not torch.equal(pol_w, base_w)  # adapters are active again after the reference pass
 
 
-def test_resume_latest_is_bit_identical(tiny_sd15: Path, latent_sd15: Path, tmp_path: Path) -> None:
+def test_resume_latest_is_bit_identical(
+    tiny_sd15: Path, latent_sd15: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     common = (
         "--batch-size",
         "2",
@@ -141,18 +146,10 @@ def test_resume_latest_is_bit_identical(tiny_sd15: Path, latent_sd15: Path, tmp_
     state = read_json(tmp_path / "split" / "checkpoints" / "step_00000004" / "state.json")
     assert state["micro_step"] == 8 and state["global_step"] == 4 and state["skipped_steps"] == 0
     assert state["lr_scheduler"]["last_epoch"] == 4
-    with pytest.raises(SystemExit, match="batch_size: checkpoint 2, now 4"):
-        run_train(
-            latent_sd15,
-            tiny_sd15,
-            tmp_path / "split",
-            "--max-steps",
-            "6",
-            "--resume",
-            "latest",
-            "--checkpoint-every",
-            "2",
-        )
+    capsys.readouterr()
+    args = ("--max-steps", "6", "--resume", "latest", "--checkpoint-every", "2")
+    run_train(latent_sd15, tiny_sd15, tmp_path / "split", *args, code=2)
+    assert "batch_size: checkpoint 2, now 4" in capsys.readouterr().err
 
 
 def test_non_finite_steps_are_skipped_and_counted(tiny_sd15: Path, tmp_path: Path) -> None:
@@ -162,6 +159,8 @@ def test_non_finite_steps_are_skipped_and_counted(tiny_sd15: Path, tmp_path: Pat
         data,
         tiny_sd15,
         tmp_path / "run",
+        "--max-skipped-fraction",
+        "1",
         "--max-steps",
         "8",
         "--checkpoint-every",
@@ -240,9 +239,17 @@ def test_data_only_reports_pairs_per_s(latent_sd15: Path, capsys: pytest.Capture
     assert 0 < result["first_batch_s"] < result["seconds"]
 
 
-def test_bad_config_names_the_problem(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="--loss must be one of"):
-        train.main(["--data", str(tmp_path), "--model", "m", "--loss", "nope"])
+def test_bad_config_names_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train.main(["--data", str(tmp_path), "--model", "m", "--loss", "nope"]) == 2
+    assert "error: --loss must be one of" in capsys.readouterr().err
+    config = tmp_path / "run.toml"
+    config.write_text(
+        'max_steps = "20"\nlearning_rate = 1\n'
+    )  # a string where a count is due; an int lr is fine
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--config", str(config), "--data", str(tmp_path), "--model", "m"])
+    assert exit_info.value.code == 2
+    assert f"config {config}: max_steps = '20' is a str, expected int" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("threshold", "code"), [(0.0, 0), (1.01, 1)])
@@ -293,7 +300,9 @@ def test_demo_reports_both_accuracies(
     assert gap["num_pairs"] == 8 and gap["err_own_caption"] > 0 and gap["err_other_caption"] > 0
 
 
-def test_fixed_batch_reads_only_the_first_batch(latent_sd15: Path, tiny_sd15: Path, tmp_path: Path) -> None:
+def test_fixed_batch_reads_only_the_first_batch(
+    latent_sd15: Path, tiny_sd15: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import shutil
 
     from trainer.data import LatentPairStream
@@ -308,5 +317,117 @@ def test_fixed_batch_reads_only_the_first_batch(latent_sd15: Path, tiny_sd15: Pa
     args = ["--max-steps", "3", "--shards-in-flight", "1", "--num-workers", "0", "--checkpoint-every", "0"]
     run_train(data, tiny_sd15, tmp_path / "fixed", *args, "--fixed-batch")
     assert (tmp_path / "fixed" / "final" / "unet").is_dir()
-    with pytest.raises(ValueError, match=r"pairs-.*\.tar: unreadable tar"):
-        run_train(data, tiny_sd15, tmp_path / "streamed", *args)
+    capsys.readouterr()
+    run_train(data, tiny_sd15, tmp_path / "streamed", *args, code=2)
+    assert re.search(r"error: .*pairs-.*\.tar: unreadable tar", capsys.readouterr().err)
+
+
+def test_too_many_skipped_steps_stop_the_run(
+    tiny_sd15: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A quarter of the pairs have infinite latents: each skipped step is reported as it happens, and the run
+    stops (exit 3) once more than --max-skipped-fraction of at least 100 steps were skipped, long before the end."""
+    data = write_latent_dataset(tmp_path / "data", family="sd15", num_pairs=16, shard_size=4)
+    poison_pairs(data, 1, float("inf"))
+    args = (
+        "--max-steps",
+        "60",
+        "--checkpoint-every",
+        "0",
+        "--shards-in-flight",
+        "1",
+        "--max-skipped-fraction",
+    )
+    run_train(data, tiny_sd15, tmp_path / "run", *args, "0.02", code=3)
+    err = capsys.readouterr().err
+    assert "non-finite loss or gradient, update skipped (1 of" in err
+    assert re.search(r"error: 3 of \d+ steps had a non-finite loss or gradient", err)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.parametrize(
+    "case", ["val-data-typo", "sdxl-data-sd15-model", "sd15-data-sdxl-model", "val-at-another-resolution"]
+)
+def test_inputs_are_checked_before_any_work(
+    case: str,
+    tiny_sd15: Path,
+    tiny_sdxl: Path,
+    latent_sd15: Path,
+    latent_sdxl: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Exit 2 with the flag and file named, and nothing written: not even the output directory."""
+    out = tmp_path / "run"
+    argv, message = {
+        "val-data-typo": (
+            train_argv(
+                latent_sd15, tiny_sd15, out, "--max-steps", "2", "--val-data", str(tmp_path / "valdata")
+            ),
+            f"--val-data {tmp_path / 'valdata'}: .*no manifest",
+        ),
+        "sdxl-data-sd15-model": (
+            train_argv(latent_sdxl, tiny_sd15, out),
+            f"--data {latent_sdxl}: it was encoded for sdxl, --model {tiny_sd15} is sd15",
+        ),
+        "sd15-data-sdxl-model": (
+            train_argv(latent_sd15, tiny_sdxl, out),
+            f"--data {latent_sd15}: it was encoded for sd15, --model {tiny_sdxl} is sdxl",
+        ),
+        "val-at-another-resolution": (
+            train_argv(
+                latent_sd15,
+                tiny_sd15,
+                out,
+                "--val-data",
+                str(
+                    write_latent_dataset(
+                        tmp_path / "v", num_pairs=4, resolution=128, latent_shape=(4, 16, 16)
+                    )
+                ),
+            ),
+            f"--val-data {tmp_path / 'v'} was encoded at resolution 128, --data {latent_sd15} at 64",
+        ),
+    }[case]
+    assert train.main(argv) == 2
+    assert re.search("error: " + message, capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_resume_applies_what_may_change_and_refuses_what_would_corrupt(
+    tiny_sd15: Path, latent_sd15: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    run_train(latent_sd15, tiny_sd15, out, "--max-steps", "2", "--checkpoint-every", "2")
+    capsys.readouterr()
+    more = ("--max-steps", "4", "--checkpoint-every", "2", "--resume", "latest")
+    run_train(latent_sd15, tiny_sd15, out, *more, "--learning-rate", "2e-3")
+    printed = capsys.readouterr().out
+    assert "resume: learning_rate: checkpoint 0.001, now 0.002 (applied)" in printed
+    assert "resume: max_steps: checkpoint 2, now 4 (applied)" in printed
+    step4 = out / "checkpoints" / "step_00000004"
+    assert read_json(step4 / "state.json")["lr_scheduler"]["base_lrs"] == [0.002]
+    assert [g["lr"] for g in read_json(step4 / "optimizer.json")["param_groups"]] == [0.002]
+
+    other_data = write_latent_dataset(tmp_path / "other", num_pairs=24)
+    for extra, named in [
+        (("--loss", "sft"), "loss: checkpoint 'dpo', now 'sft'"),
+        (("--beta", "1000"), "beta: checkpoint None, now 1000.0"),
+        (("--seed", "3"), "seed: checkpoint 0, now 3"),
+        (("--lora-rank", "4"), "lora_rank: checkpoint 0, now 4"),
+    ]:
+        run_train(latent_sd15, tiny_sd15, out, *more, *extra, code=2)
+        assert named in capsys.readouterr().err, extra
+    run_train(other_data, tiny_sd15, out, *more, code=2)
+    assert f"data: {other_data} is not the data the run trained on" in capsys.readouterr().err
+
+
+def test_a_damaged_sample_stops_training_naming_shard_and_key(
+    tiny_sd15: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by the loader worker (a process of its own): exit 2 with the worker's message, not a traceback."""
+    data = write_latent_dataset(tmp_path / "data", num_pairs=8, shard_size=4)
+    shard = data / Manifest.load(data).shards[0].path
+    key = flip_byte(shard, ".safetensors", nth=1)
+    run_train(data, tiny_sd15, tmp_path / "run", "--max-steps", "4", "--checkpoint-every", "0", code=2)
+    assert f"error: {shard}:{key}: tensor data fails its checksum" in capsys.readouterr().err

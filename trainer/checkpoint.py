@@ -30,9 +30,11 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from schemas.atomic import atomic_write_json, publish_dir, read_json
+from schemas.errors import InputError
 from trainer.model import has_lora
 
 CHECKPOINTS = "checkpoints"
+RUN_INFO = "run.json"  # beside final/unet: step, data summary and config of the run that exported it
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Test hook: seconds to sleep half-way through writing a checkpoint, so a test can SIGKILL a save in progress.
 SAVE_DELAY_ENV = "TRAINER_TEST_SAVE_DELAY_S"
@@ -57,23 +59,19 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"step_{step:08d}"
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first; `*.tmp` folders left by a crashed save are not checkpoints."""
+ANY_RUN = "*"
+
+
+def list_checkpoints(output_dir: str | Path, run_id: str | None = ANY_RUN) -> list[Path]:
+    """Complete checkpoints, oldest first; `*.tmp` folders left by a crashed save are not checkpoints. With a
+    `run_id`, only that run's (None: those written before run ids existed)."""
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file())
-
-
-def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """`latest` → the newest complete checkpoint (None when there is none yet); else the given directory."""
-    if resume == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"--resume {resume}: no state.json there; not a complete checkpoint")
-    return path
+    found = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file())
+    if run_id == ANY_RUN:
+        return found
+    return [p for p in found if read_json(p / "state.json").get("run_id") == run_id]
 
 
 def trainable_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -141,8 +139,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         publish_dir(tmp, final)
-        if total_limit > 0:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
+        if total_limit > 0:  # only this run's own: another run's checkpoints are never deleted
+            for old in list_checkpoints(output_dir, meta.get("run_id"))[:-total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
@@ -155,10 +153,26 @@ def check_topology(path: Path, saved: dict[str, Any], current: dict[str, Any]) -
         if saved.get(k) != current[k]
     ]
     if diffs:
-        raise SystemExit(
-            f"error: cannot resume from {path}: the data position depends on the topology, which "
+        raise InputError(
+            f"cannot resume from {path}: the data position depends on the topology, which "
             f"differs ({'; '.join(diffs)}). Resume with the same settings."
         )
+
+
+def load_trainable_weights(path: Path, unet: torch.nn.Module) -> None:
+    """Copy a checkpoint's model.safetensors into `unet`, whose trainable parameters must match it by name."""
+    weights = load_file(path / "model.safetensors")
+    params = dict(unet.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise InputError(
+            f"{path / 'model.safetensors'} does not match the model "
+            f"(missing {missing[:5]}, unexpected {extra[:5]}); was it saved with another LoRA setting?"
+        )
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
 
 
 def load_checkpoint(
@@ -174,44 +188,51 @@ def load_checkpoint(
     state = read_json(path / "state.json")
     if topology is not None:
         check_topology(path, state, topology)
-    weights = load_file(path / "model.safetensors")
-    params = dict(unet.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
-    if set(weights) != expected:
-        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        raise SystemExit(
-            f"error: {path / 'model.safetensors'} does not match the model "
-            f"(missing {missing[:5]}, unexpected {extra[:5]}); was it saved with another LoRA setting?"
-        )
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    load_trainable_weights(path, unet)
     opt_json = read_json(path / "optimizer.json")
     tensors = load_file(path / "optimizer.safetensors")
     per_param: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in opt_json["state"].items()}
     for key, value in tensors.items():
         _, idx, name = key.split(".", 2)
         per_param.setdefault(int(idx), {})[name] = value
-    groups = []
-    for current, saved in zip(optimizer.state_dict()["param_groups"], opt_json["param_groups"], strict=True):
-        groups.append({k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()})
-    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    if len(opt_json["param_groups"]) != len(optimizer.param_groups):
+        raise InputError(
+            f"{path}: {len(opt_json['param_groups'])} optimizer parameter groups, the model has "
+            f"{len(optimizer.param_groups)}"
+        )
+    # hyper-parameters (lr, betas, weight decay, ...) are the command line's: the checkpoint supplies only state
+    optimizer.load_state_dict({"state": per_param, "param_groups": optimizer.state_dict()["param_groups"]})
     sched = dict(state["lr_scheduler"])
     sched["lr_lambdas"] = [None] * len(sched["base_lrs"])
+    sched["base_lrs"] = [group["initial_lr"] for group in optimizer.param_groups]
     lr_scheduler.load_state_dict(sched)
+    lrs = [
+        base * f(lr_scheduler.last_epoch)
+        for base, f in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True)
+    ]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr  # where the (possibly new) schedule stands at the checkpoint's step
+    lr_scheduler._last_lr = lrs
     if accelerator.scaler is not None and state.get("grad_scaler"):
         accelerator.scaler.load_state_dict(state["grad_scaler"])
     return TrainState.from_json(state)
 
 
 def export_final(
-    accelerator: Accelerator, unet: UNet2DConditionModel, output_dir: str | Path, is_sdxl: bool
+    accelerator: Accelerator,
+    unet: UNet2DConditionModel,
+    output_dir: str | Path,
+    is_sdxl: bool,
+    run_info: dict[str, Any] | None = None,
 ) -> Path:
     """`OUT/final/unet/` (merged UNet, diffusers layout) and, for LoRA, `OUT/final/lora/` loadable by
-    `pipe.load_lora_weights`. Each folder is written aside and renamed into place."""
+    `pipe.load_lora_weights`, plus `OUT/final/run.json` (`run_info`: what `trainer.evaluate` checks the held-out
+    data against). Each folder is written aside and renamed into place."""
     final = Path(output_dir) / "final"
     if accelerator.is_main_process:
         final.mkdir(parents=True, exist_ok=True)
+        if run_info is not None:
+            atomic_write_json(final / RUN_INFO, run_info)
         if has_lora(unet):
             lora_tmp = final / "lora.tmp"
             shutil.rmtree(lora_tmp, ignore_errors=True)

@@ -35,6 +35,7 @@ from schemas.sample import (
     PAIR_META_EXT,
     SIDES,
     TENSORS_EXT,
+    CorruptSampleError,
     PairMeta,
     decode_tensors,
     latent_tensor_names,
@@ -42,6 +43,7 @@ from schemas.sample import (
     tensor_name,
 )
 from schemas.seeds import seed_of
+from trainer.preemption import ignore_stop_signals
 from trainer.text_store import TextEmbeddingStore
 
 _MEMBER_EXTS = (PAIR_META_EXT, TENSORS_EXT)
@@ -67,13 +69,18 @@ def read_pair_shard(path: str, expected: int) -> list[_RawPair]:
     The count must match the manifest: resume positions are computed from the manifest counts alone.
     """
     out = []
-    for sample in read_tar(path, read=_MEMBER_EXTS):
-        missing = [ext for ext in _MEMBER_EXTS if ext not in sample.data]
-        if missing:
-            raise ValueError(f"{sample.where}: pair sample lacks members {missing}")
-        out.append(_RawPair(sample.key, sample.where, sample.data[PAIR_META_EXT], sample.data[TENSORS_EXT]))
+    try:
+        for sample in read_tar(path, read=_MEMBER_EXTS):
+            missing = [ext for ext in _MEMBER_EXTS if ext not in sample.data]
+            if missing:
+                raise ValueError(f"{sample.where}: pair sample lacks members {missing}")
+            out.append(
+                _RawPair(sample.key, sample.where, sample.data[PAIR_META_EXT], sample.data[TENSORS_EXT])
+            )
+    except ValueError as e:  # a truncated or malformed tar: damaged data, named like a bad sample
+        raise CorruptSampleError(str(e)) from e
     if len(out) != expected:
-        raise ValueError(f"{path}: {len(out)} samples, manifest says {expected}")
+        raise CorruptSampleError(f"{path}: {len(out)} samples, manifest says {expected}")
     return out
 
 
@@ -337,6 +344,7 @@ def make_loader(stream: LatentPairStream, *, pin_memory: bool = False) -> DataLo
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         in_order=True,
+        worker_init_fn=ignore_stop_signals,
     )
 
 

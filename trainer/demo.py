@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"reference implicit accuracy on {before['num_pairs']} held-out pairs: {before['implicit_accuracy']:.3f}"
     )
-    train.main(rest)
+    if code := train.main(rest):
+        return code
     after = held_out_accuracy(cfg, str(Path(cfg.output_dir) / "final" / "unet"), groups)
     ok = after["implicit_accuracy"] >= args.min_accuracy
     if groups is not None:

@@ -4,15 +4,19 @@ Every pair gets `draws` fixed (noise, timestep) draws seeded by (seed, pair key,
 means with no flip or caption dropout, so repeated runs agree exactly and the reference scored against itself gives
 exactly 0.5. The per-pair errors are averaged over the draws before the implicit reward is compared: a Monte Carlo
 estimate of the expected denoising error, whose sign is far less noisy than that of a single timestep.
+A pair whose errors are not finite (e.g. NaN latents) is left out of every mean and counted in `non_finite_pairs`.
 
 CLI: python -m trainer.evaluate --data VAL_OUT --model MODEL [--unet DIR | --lora DIR] [--max-pairs N] [--seed S]
      [--batch-size B] [--beta BETA] [--draws K] [--json]
+`--unet` takes a diffusers UNet folder (RUN/final/unet) or a training checkpoint (RUN/checkpoints/step_N, full or
+LoRA). Evaluation data encoded at another resolution than the policy was trained on is refused (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -21,6 +25,9 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
+from schemas.atomic import read_json
+from schemas.manifest import Manifest
+from trainer.checkpoint import RUN_INFO, load_trainable_weights
 from trainer.data import iter_eval_batches
 from trainer.losses import dpo_logits, dpo_loss, implicit_accuracy, reward_margin
 from trainer.model import (
@@ -69,7 +76,7 @@ def evaluate(
     policy.eval()
     sums = dict.fromkeys(METRICS, 0.0)
     group_hits: dict[str, list[float]] = {}
-    n = 0
+    n = non_finite = 0
     try:
         for batch in iter_eval_batches(data_dir, batch_size=batch_size, max_pairs=max_pairs):
             batch = to_device(batch, torch.device(device))
@@ -88,13 +95,15 @@ def evaluate(
                         )
                     )
                 errors += torch.stack([*pol, *ref]).float() / draws
-            pol_w, pol_l, ref_w, ref_l = errors
+            finite = torch.isfinite(errors).all(dim=0)
+            non_finite += int((~finite).sum())
+            pol_w, pol_l, ref_w, ref_l = errors[:, finite]
             h = dpo_logits(pol_w, pol_l, ref_w, ref_l, beta)
             per_pair = {
                 "implicit_accuracy": implicit_accuracy(h),
                 "reward_margin": reward_margin(pol_w, pol_l, ref_w, ref_l),
                 "dpo_loss": dpo_loss(
-                    pol_w, pol_l, ref_w, ref_l, beta=beta, reduction="none", label=batch["label"]
+                    pol_w, pol_l, ref_w, ref_l, beta=beta, reduction="none", label=batch["label"][finite]
                 ),
                 "policy_err_w": pol_w,
                 "policy_err_l": pol_l,
@@ -103,15 +112,16 @@ def evaluate(
             }
             for k, v in per_pair.items():
                 sums[k] += float(v.double().sum())
-            for key, hit in zip(batch["keys"], per_pair["implicit_accuracy"].tolist(), strict=True):
+            kept = [key for key, ok in zip(batch["keys"], finite.tolist(), strict=True) if ok]
+            for key, hit in zip(kept, per_pair["implicit_accuracy"].tolist(), strict=True):
                 if groups and key in groups:
                     group_hits.setdefault(groups[key], []).append(hit)
-            n += len(batch["keys"])
+            n += len(kept)
     finally:
         policy.train(was_training)
     if n == 0:
-        raise ValueError(f"{data_dir}: no evaluation pairs")
-    result: dict = {**{k: v / n for k, v in sums.items()}, "num_pairs": n}
+        raise ValueError(f"{data_dir}: no evaluation pairs with finite errors ({non_finite} non-finite)")
+    result: dict = {**{k: v / n for k, v in sums.items()}, "num_pairs": n, "non_finite_pairs": non_finite}
     if groups is not None:
         result["accuracy_by_group"] = {g: sum(h) / len(h) for g, h in sorted(group_hits.items())}
         result["pairs_by_group"] = {g: len(h) for g, h in sorted(group_hits.items())}
@@ -183,12 +193,28 @@ def caption_gap(
     }
 
 
+def strict_json(result: dict[str, float]) -> str:
+    """One JSON line that any parser accepts: a non-finite number becomes null instead of a bare NaN."""
+    return json.dumps(
+        {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in result.items()},
+        sort_keys=True,
+        allow_nan=False,
+    )
+
+
 def load_for_eval(
     model: str, unet_dir: str | None, lora_dir: str | None, sdxl_time_ids: str = "constant"
 ) -> tuple[Models, UNet2DConditionModel]:
-    """Reference = the base UNet of `model`; policy = `--unet`, or the base with `--lora` adapters, or the base."""
+    """Reference = the base UNet of `model`; policy = `--unet` (a UNet folder or a training checkpoint), or the
+    base with `--lora` adapters, or the base."""
     if unet_dir and lora_dir:
         raise SystemExit("error: give --unet or --lora, not both")
+    if unet_dir and (Path(unet_dir) / "state.json").is_file():
+        return _load_checkpoint_policy(model, Path(unet_dir), sdxl_time_ids)
+    if unet_dir and not (Path(unet_dir) / "config.json").is_file():
+        raise SystemExit(
+            f"error: --unet {unet_dir}: neither a UNet folder (config.json) nor a training checkpoint (state.json)"
+        )
     base = load_models(model, need_reference=False, sdxl_time_ids=sdxl_time_ids)
     if lora_dir:
         weights = Path(lora_dir) / "pytorch_lora_weights.safetensors"
@@ -202,11 +228,68 @@ def load_for_eval(
     return base, base.policy
 
 
+def _load_checkpoint_policy(
+    model: str, path: Path, sdxl_time_ids: str
+) -> tuple[Models, UNet2DConditionModel]:
+    """A checkpoint holds only the trainable weights: rebuild the policy the run trained (LoRA rank and alpha from
+    its state.json) on the base `model`, then load them."""
+    config = read_json(path / "state.json").get("config", {})
+    lora_rank = int(config.get("lora_rank", 0))
+    models = load_models(
+        model,
+        lora_rank=lora_rank,
+        lora_alpha=config.get("lora_alpha"),
+        need_reference=False,
+        sdxl_time_ids=sdxl_time_ids,
+    )
+    if lora_rank == 0:  # full fine-tune: the checkpoint replaces every weight; the reference stays the base
+        reference = load_models(model, need_reference=False).policy
+        models = Models(
+            models.policy, reference.requires_grad_(False).eval(), models.scheduler, sdxl_time_ids
+        )
+    load_trainable_weights(path, models.policy)
+    return models, models.policy
+
+
+def trained_resolution(unet_dir: str | None) -> int | None:
+    """The resolution of the data a policy was trained on, when its run recorded it: a checkpoint's state.json,
+    or run.json beside RUN/final/unet."""
+    if not unet_dir:
+        return None
+    for info in (Path(unet_dir) / "state.json", Path(unet_dir).parent / RUN_INFO):
+        if info.is_file():
+            resolution = read_json(info).get("data", {}).get("resolution")
+            return int(resolution) if resolution is not None else None
+    return None
+
+
+def check_eval_resolution(data_dir: str | Path, trained: int | None, unet: UNet2DConditionModel) -> None:
+    """Exit 2 when the held-out data were encoded at another resolution than the training data: the numbers would
+    measure the resolution change, not the training. With no record of the training data, compare with the
+    UNet's native size and warn."""
+    resolution = Manifest.load(data_dir).resolution
+    if trained is not None and resolution != trained:
+        raise SystemExit(
+            f"error: --data {data_dir} was encoded at resolution {resolution}, the policy was trained at "
+            f"{trained}; encode the evaluation data at {trained}"
+        )
+    native = unet.config.sample_size * 8  # the VAE's 8x downsampling, as every SD1.5/SDXL VAE has
+    if trained is None and resolution != native:
+        print(
+            f"warning: --data {data_dir} was encoded at resolution {resolution}, the UNet's native size is "
+            f"{native}; compare only numbers from data encoded at the resolution the policy was trained at",
+            file=sys.stderr,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="encode output directory (manifest.json)")
     parser.add_argument("--model", required=True, help="base model folder: the reference (unet/, scheduler/)")
-    parser.add_argument("--unet", help="a trained UNet folder in diffusers layout (e.g. RUN/final/unet)")
+    parser.add_argument(
+        "--unet",
+        help="a trained UNet folder (RUN/final/unet) or a training checkpoint (RUN/checkpoints/step_N)",
+    )
     parser.add_argument("--lora", help="a LoRA folder saved by the trainer (e.g. RUN/final/lora)")
     parser.add_argument("--max-pairs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -222,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args(argv)
     models, policy = load_for_eval(args.model, args.unet, args.lora, args.sdxl_time_ids)
+    check_eval_resolution(args.data, trained_resolution(args.unet), policy)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models.policy.to(device)
     if models.reference is not None:
@@ -237,8 +321,13 @@ def main(argv: list[str] | None = None) -> int:
         draws=args.draws,
         device=device,
     )
+    if result["non_finite_pairs"]:
+        print(
+            f"warning: {result['non_finite_pairs']} pairs with non-finite errors were left out of the means",
+            file=sys.stderr,
+        )
     if args.json:
-        print(json.dumps(result, sort_keys=True))
+        print(strict_json(result))
     else:
         for k, v in result.items():
             print(f"{k:>18}: {v:.6g}" if isinstance(v, float) else f"{k:>18}: {v}")

@@ -17,6 +17,8 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from schemas.errors import InputError
+from schemas.manifest import Manifest
 from schemas.seeds import seed_of
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -229,3 +231,34 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {
         k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
     }
+
+
+def unet_family(unet_config: dict) -> str:
+    """SDXL's UNet is the one conditioned on pooled text and time ids (addition_embed_type "text_time")."""
+    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd15"
+
+
+def check_data_fits_model(data_dir: str, flag: str, model: str) -> Manifest:
+    """The manifest of `data_dir`, refused (InputError naming the flag) when it is missing or was encoded for
+    another model family or shape than `model`'s UNet: checked before any work, not as a shape error in step 1."""
+    try:
+        manifest = Manifest.load(data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"{flag} {data_dir}: {e}") from None
+    config = UNet2DConditionModel.load_config(model, subfolder="unet")
+    family = unet_family(config)
+    problems = []
+    if manifest.model_family != family:
+        problems.append(f"it was encoded for {manifest.model_family}, --model {model} is {family}")
+    elif manifest.latent_shape[0] != config["in_channels"]:
+        problems.append(
+            f"latents have {manifest.latent_shape[0]} channels, the UNet takes {config['in_channels']}"
+        )
+    elif manifest.text_embed_shape[-1] != config["cross_attention_dim"]:
+        problems.append(
+            f"text embeddings are {manifest.text_embed_shape[-1]}-dimensional, the UNet attends to "
+            f"{config['cross_attention_dim']}"
+        )
+    if problems:
+        raise InputError(f"{flag} {data_dir}: {'; '.join(problems)}; encode it with --model {model}")
+    return manifest

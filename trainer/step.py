@@ -2,7 +2,8 @@
 
 Non-finite detection stays on the device: every micro-batch ANDs `isfinite(loss)` into a device flag, the gradient
 norm joins it, and an all-reduce makes the ranks agree. Reading that flag to update or skip is the step's one host
-sync; the metrics stay on the device until the logging window reads them.
+sync; the metrics stay on the device until the logging window reads them. The same all-reduce carries whether any
+rank was asked to stop (SIGTERM/SIGINT), so every rank stops after the same step.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
@@ -21,6 +22,7 @@ from schemas.config import TrainConfig
 from trainer.checkpoint import TrainState
 from trainer.model import Models, draw_noise, pair_forward, reference_forward, to_device
 from trainer.objective import Objective, mismatched_errors
+from trainer.preemption import StopRequest
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Trainer:
     lr_scheduler: LRScheduler
     objective: Objective  # the --loss with its resolved hyper-parameters
     family: str  # "sd15" or "sdxl", from the data's manifest
+    stop: StopRequest = field(default_factory=StopRequest)  # set by a signal handler, read once per step
 
 
 @dataclass
@@ -47,6 +50,7 @@ class StepResult:
     ]  # per micro-batch: the loss and the objective's statistics, on the device
     grad_norm: torch.Tensor  # total gradient norm before clipping, on the device
     skipped: bool  # a loss or gradient was non-finite on some rank, so no update was applied
+    stop: bool  # some rank was asked to stop: every rank stops after this step
     seconds: float
     data_wait_s: float  # of `seconds`, spent waiting for the input pipeline
 
@@ -69,10 +73,10 @@ def train_step(trainer: Trainer, state: TrainState, batches: Iterator[dict]) -> 
             finite &= torch.isfinite(loss)
             accelerator.backward(loss)
         metrics.append({"loss": loss, **stats})
-    grad_norm, skipped = apply_gradients(trainer, finite)
+    grad_norm, skipped, stop = apply_gradients(trainer, finite)
     state.global_step += 1
     state.skipped_steps += int(skipped)
-    return StepResult(metrics, grad_norm, skipped, time.perf_counter() - start, data_wait)
+    return StepResult(metrics, grad_norm, skipped, stop, time.perf_counter() - start, data_wait)
 
 
 def _with_noise(batch: dict, trainer: Trainer, micro_step: int) -> dict:
@@ -117,7 +121,7 @@ def micro_batch_loss(trainer: Trainer, batch: dict) -> tuple[torch.Tensor, dict[
     )
 
 
-def apply_gradients(trainer: Trainer, finite: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def apply_gradients(trainer: Trainer, finite: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
     """Clip, then update, or skip the update when any rank saw a non-finite loss or gradient: the replicas must
     agree, or they would diverge. Reading that agreement is the step's one host sync."""
     cfg, accelerator = trainer.cfg, trainer.accelerator
@@ -125,11 +129,14 @@ def apply_gradients(trainer: Trainer, finite: torch.Tensor) -> tuple[torch.Tenso
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     grad_norm = accelerator.clip_grad_norm_(trainer.unet.parameters(), max_norm)
     finite = finite & torch.isfinite(grad_norm)
-    skipped = accelerator.reduce((~finite).float(), "sum").item() != 0
+    flags = torch.stack(
+        [(~finite).float(), torch.tensor(float(trainer.stop.requested), device=finite.device)]
+    )
+    skipped, stop = (v != 0 for v in accelerator.reduce(flags, "sum").tolist())
     if not skipped:
         trainer.optimizer.step()
     elif accelerator.scaler is not None:  # fp16: lower the loss scale, as a scaler skip would
         accelerator.scaler.update()
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.lr_scheduler.step()
-    return grad_norm, skipped
+    return grad_norm, skipped, stop

@@ -7,6 +7,10 @@
 The data loader stays out of `accelerator.prepare` (it is already rank-sharded), the frozen reference is never
 prepared, and every random draw is seeded by (seed, rank, step): `--resume latest` continues bit-exactly from the
 last checkpoint without replaying data.
+
+Exit status: 0 done; 2 bad input (a flag, a file, data that do not fit the model, an output directory that holds
+another run, damaged data), named in the message, checked before any work where it can be; 3 too many non-finite
+steps (--max-skipped-fraction); 75 stopped by SIGTERM/SIGINT after writing a checkpoint (rerun with --resume latest).
 """
 
 from __future__ import annotations
@@ -16,24 +20,37 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
 from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
+from schemas.atomic import read_json
 from schemas.config import TrainConfig, parse_config
+from schemas.errors import InputError
 from schemas.manifest import Manifest
 from schemas.sample import TORCH_DTYPES
-from trainer.checkpoint import TrainState, export_final, load_checkpoint, resolve_resume, save_checkpoint
+from trainer.checkpoint import TrainState, check_topology, export_final, load_checkpoint, save_checkpoint
 from trainer.data import LatentPairStream, make_loader
-from trainer.evaluate import evaluate
+from trainer.evaluate import evaluate, strict_json
 from trainer.losses import REFERENCE_FREE, default_beta
 from trainer.metrics import MetricWindow
-from trainer.model import SDXL_TIME_IDS, Models, load_models, to_device
+from trainer.model import SDXL_TIME_IDS, Models, check_data_fits_model, load_models, to_device
 from trainer.objective import Objective, check_objective
 from trainer.optim import build_lr_scheduler, build_optimizer, effective_lr
+from trainer.preemption import EXIT_PREEMPTED, StopRequest
+from trainer.run_dir import (
+    begin_run,
+    check_resume_config,
+    choose_start,
+    data_summary,
+    lock_output_dir,
+    model_id,
+)
 from trainer.step import Trainer, train_step
 
 MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
@@ -41,6 +58,9 @@ MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
 _NO_GPU = not torch.cuda.is_available()
 # a terminal gets a live bar; a log file (CI, `ray job logs`) gets a line every 30 s instead of thousands of \r updates
 PROGRESS_INTERVAL_S = 0.1 if sys.stderr.isatty() else 30.0
+EXIT_INPUT = 2
+EXIT_DIVERGED = 3
+MIN_STEPS_FOR_FRACTION = 100
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -59,7 +79,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.sdxl_time_ids not in SDXL_TIME_IDS:
         problems.append(f"--sdxl-time-ids must be one of {SDXL_TIME_IDS}, got {cfg.sdxl_time_ids!r}")
     if problems:
-        raise SystemExit("error: " + "; ".join(problems))
+        raise InputError("; ".join(problems))
 
 
 def make_stream(cfg: TrainConfig, rank: int, world_size: int, start_batch: int) -> LatentPairStream:
@@ -132,7 +152,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     )
 
 
-def build_trainer(cfg: TrainConfig, accelerator: Accelerator) -> Trainer:
+def build_trainer(cfg: TrainConfig, accelerator: Accelerator, stop: StopRequest | None = None) -> Trainer:
     """Models, optimizer and schedule; LoRA's init draws from the global RNG, so it is seeded the same everywhere."""
     torch.manual_seed(cfg.seed)
     models = load_models(
@@ -153,19 +173,33 @@ def build_trainer(cfg: TrainConfig, accelerator: Accelerator) -> Trainer:
     policy = accelerator.unwrap_model(unet)
     family = Manifest.load(cfg.data).model_family
     objective = Objective.from_config(cfg, family, models.scheduler.config.num_train_timesteps)
-    return Trainer(cfg, accelerator, models, unet, policy, optimizer, lr_scheduler, objective, family)
+    return Trainer(
+        cfg,
+        accelerator,
+        models,
+        unet,
+        policy,
+        optimizer,
+        lr_scheduler,
+        objective,
+        family,
+        stop or StopRequest(),
+    )
 
 
-def resume(trainer: Trainer, topology: dict[str, int]) -> TrainState:
-    """The counters of `--resume`'s checkpoint, its weights, optimizer and schedule loaded; a fresh state without."""
-    cfg = trainer.cfg
-    path = resolve_resume(cfg.resume, cfg.output_dir) if cfg.resume else None
-    if path is None:
+def resume(trainer: Trainer, start: Start) -> TrainState:
+    """The counters of the checkpoint preflight chose, its weights, optimizer and schedule loaded (hyper-parameters
+    from the command line); a fresh state for step 0."""
+    if start.resume_from is None:
         return TrainState()
     state = load_checkpoint(
-        path, trainer.accelerator, trainer.policy, trainer.optimizer, trainer.lr_scheduler, topology
+        start.resume_from, trainer.accelerator, trainer.policy, trainer.optimizer, trainer.lr_scheduler
     )
-    trainer.accelerator.print(f"resumed from {path} at step {state.global_step}")
+    trainer.accelerator.print(
+        f"resumed run {start.run_id} from {start.resume_from} at step {state.global_step}"
+    )
+    for line in start.changes:
+        trainer.accelerator.print(line)
     return state
 
 
@@ -209,7 +243,41 @@ def log_window(trainer: Trainer, window: MetricWindow, state: TrainState, progre
     )
 
 
-def checkpoint(trainer: Trainer, state: TrainState, topology: dict[str, int]) -> None:
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts, decided from files alone before any process group, model or output is touched."""
+
+    resume_from: Path | None  # None: step 0
+    run_id: str
+    data: dict[str, Any]  # run_dir.data_summary of --data
+    topology: dict[str, int]
+    changes: list[str]  # hyper-parameters changed on resume, as lines to print
+
+
+def preflight(cfg: TrainConfig, world_size: int) -> Start:
+    """Every check that needs no model: data and held-out data against the model and each other, the output
+    directory, and what a resume may change. Raises InputError naming the flag or file."""
+    manifest = check_data_fits_model(cfg.data, "--data", cfg.model)
+    if cfg.val_data:
+        val = check_data_fits_model(cfg.val_data, "--val-data", cfg.model)
+        if val.resolution != manifest.resolution or val.latent_shape != manifest.latent_shape:
+            raise InputError(
+                f"--val-data {cfg.val_data} was encoded at resolution {val.resolution}, --data {cfg.data} at "
+                f"{manifest.resolution}: held-out numbers would measure the resolution change. Encode both at the "
+                "same resolution"
+            )
+    data = data_summary(cfg.data)
+    topology = {"world_size": world_size, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers}
+    resume_from, run_id = choose_start(cfg)
+    changes = []
+    if resume_from is not None:
+        saved = read_json(resume_from / "state.json")
+        check_topology(resume_from, saved, topology)
+        changes = check_resume_config(resume_from, saved, cfg, data)
+    return Start(resume_from, run_id, data, topology, changes)
+
+
+def checkpoint(trainer: Trainer, state: TrainState, start: Start) -> None:
     cfg = trainer.cfg
     save_checkpoint(
         trainer.accelerator,
@@ -218,7 +286,14 @@ def checkpoint(trainer: Trainer, state: TrainState, topology: dict[str, int]) ->
         trainer.policy,
         trainer.optimizer,
         trainer.lr_scheduler,
-        {**topology, "seed": cfg.seed, "config": asdict(cfg)},
+        {
+            **start.topology,
+            "seed": cfg.seed,
+            "config": asdict(cfg),
+            "run_id": start.run_id,
+            "model": model_id(cfg.model),
+            "data": start.data,
+        },
         cfg.checkpoints_total_limit,
     )
 
@@ -230,6 +305,25 @@ def eval_models(models: Models, policy: UNet2DConditionModel, model: str) -> Mod
         return models
     base = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(next(policy.parameters()).device)
     return Models(policy, base.requires_grad_(False).eval(), models.scheduler)
+
+
+def too_many_skipped(cfg: TrainConfig, state: TrainState, *, finished: bool) -> bool:
+    """More than --max-skipped-fraction of the steps skipped; while running, counted against at least
+    MIN_STEPS_FOR_FRACTION steps, so that a few early skips (fp16 loss-scale calibration) do not stop a run."""
+    steps = state.global_step if finished else max(state.global_step, MIN_STEPS_FOR_FRACTION)
+    return state.skipped_steps > cfg.max_skipped_fraction * steps
+
+
+def report_skip(trainer: Trainer, state: TrainState, progress: tqdm) -> None:
+    """A skipped step is visible when it happens: in the bar, as a log line, and in the trackers."""
+    progress.set_description(f"{trainer.cfg.loss} ({state.skipped_steps} skipped)")
+    if trainer.accelerator.is_main_process:
+        progress.write(
+            f"step {state.global_step}: non-finite loss or gradient, update skipped "
+            f"({state.skipped_steps} of {state.global_step} steps so far)",
+            file=sys.stderr,
+        )
+    trainer.accelerator.log({"skipped_steps": state.skipped_steps}, step=state.global_step)
 
 
 def evaluate_and_log(trainer: Trainer, step: int) -> dict[str, float]:
@@ -251,22 +345,52 @@ def evaluate_and_log(trainer: Trainer, step: int) -> dict[str, float]:
             autocast=accelerator.autocast,
         )
         accelerator.log({f"eval/{k}": v for k, v in result.items()}, step=step)
-        accelerator.print("eval " + json.dumps({k: round(v, 6) for k, v in result.items()}))
+        accelerator.print("eval " + strict_json({k: round(v, 6) for k, v in result.items()}))
     accelerator.wait_for_everyone()
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(TrainConfig, argv, __doc__.split("\n\n")[0])
-    check_config(cfg)
-    if cfg.data_only:
-        return run_data_only(cfg)
+    try:
+        check_config(cfg)
+        if cfg.data_only:
+            return run_data_only(cfg)
+        return train(cfg)
+    except InputError as e:
+        print(f"error: {input_error_message(e)}", file=sys.stderr)
+        return EXIT_INPUT
 
+
+def input_error_message(e: InputError) -> str:
+    """The message itself, also when a DataLoader worker raised it (torch then wraps the worker's traceback)."""
+    text = str(e).strip()
+    prefix = f"{type(e).__module__}.{type(e).__qualname__}: "
+    return text.splitlines()[-1].removeprefix(prefix) if "Original Traceback" in text else text
+
+
+def train(cfg: TrainConfig) -> int:
+    """Every check first; then the run, with the output directory locked and SIGTERM/SIGINT turned into a stop
+    after the current step (also while the models load)."""
     accelerator = make_accelerator(cfg)
+    start = preflight(cfg, accelerator.num_processes)
+    accelerator.wait_for_everyone()  # every rank checked the directory before the main process claims it
+    with StopRequest() as stop:
+        lock = lock_output_dir(cfg.output_dir) if accelerator.is_main_process else None
+        try:
+            if accelerator.is_main_process:
+                begin_run(cfg, start.run_id, start.data)
+            accelerator.wait_for_everyone()
+            return run(cfg, accelerator, start, stop)
+        finally:
+            if lock is not None:
+                lock.close()
+
+
+def run(cfg: TrainConfig, accelerator: Accelerator, start: Start, stop: StopRequest) -> int:
     world = accelerator.num_processes
-    trainer = build_trainer(cfg, accelerator)
-    topology = {"world_size": world, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers}
-    state = resume(trainer, topology)
+    trainer = build_trainer(cfg, accelerator, stop)
+    state = resume(trainer, start)
     batches = training_batches(cfg, accelerator, state.micro_step)
     if cfg.report_to != "none":
         accelerator.init_trackers(
@@ -285,19 +409,35 @@ def main(argv: list[str] | None = None) -> int:
     pairs_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
     first_step, run_start = state.global_step, time.perf_counter()
     eval_result: dict[str, float] = {}
+    exit_code = 0
     while state.global_step < cfg.max_steps:
-        window.add_step(train_step(trainer, state, batches), pairs=pairs_per_step)
+        result = train_step(trainer, state, batches)
+        window.add_step(result, pairs=pairs_per_step)
         progress.update(1)
+        if result.skipped:
+            report_skip(trainer, state, progress)
         if should_log(cfg, state.global_step):
             log_window(trainer, window, state, progress)
-        if should_checkpoint(cfg, state.global_step):
-            checkpoint(trainer, state, topology)
+        preempted = result.stop and state.global_step < cfg.max_steps
+        if should_checkpoint(cfg, state.global_step) or preempted:
+            checkpoint(trainer, state, start)
+        if preempted:
+            exit_code = EXIT_PREEMPTED
+            break
+        if too_many_skipped(cfg, state, finished=False):
+            exit_code = EXIT_DIVERGED
+            break
         if should_evaluate(cfg, state.global_step):
             eval_result = evaluate_and_log(trainer, state.global_step)
     progress.close()
     seconds = time.perf_counter() - run_start
+    if exit_code == 0 and too_many_skipped(cfg, state, finished=True):
+        exit_code = EXIT_DIVERGED
 
-    export_final(accelerator, trainer.policy, cfg.output_dir, trainer.family == "sdxl")
+    if exit_code != EXIT_PREEMPTED and state.global_step >= cfg.max_steps:
+        run_info = {"run_id": start.run_id, "global_step": state.global_step, "data": start.data}
+        export_final(accelerator, trainer.policy, cfg.output_dir, trainer.family == "sdxl", run_info)
+    del batches  # stops the loader's workers now, not at interpreter exit
     # Release DDP, then the process group, while every rank is still alive: a gloo group left to the interpreter's
     # exit after its peer has gone can hang forever in its destructor (seen with torchrun on 2 CPUs).
     accelerator.wait_for_everyone()
@@ -310,13 +450,27 @@ def main(argv: list[str] | None = None) -> int:
         "steps_this_run": steps_this_run,
         "seconds": round(seconds, 3),
         "pairs_per_s": round(steps_this_run * pairs_per_step / seconds, 2) if seconds > 0 else None,
-        "final": f"{cfg.output_dir}/final",
+        "final": f"{cfg.output_dir}/final" if exit_code != EXIT_PREEMPTED else None,
+        "exit_code": exit_code,
         **{f"eval_{k}": v for k, v in eval_result.items()},
     }
     if accelerator.device.type == "cuda":
         summary["max_memory_gib"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 2)
-    accelerator.print(json.dumps(summary))
-    return 0
+    accelerator.print(strict_json(summary))
+    if exit_code == EXIT_PREEMPTED:
+        accelerator.print(
+            f"stopped by a signal after step {state.global_step}; checkpoint written. Continue with the same "
+            "command plus --resume latest",
+            file=sys.stderr,
+        )
+    elif exit_code == EXIT_DIVERGED:
+        accelerator.print(
+            f"error: {state.skipped_steps} of {state.global_step} steps had a non-finite loss or gradient, more "
+            f"than --max-skipped-fraction {cfg.max_skipped_fraction}; check the data (NaN latents?) and the "
+            "learning rate",
+            file=sys.stderr,
+        )
+    return exit_code
 
 
 if __name__ == "__main__":

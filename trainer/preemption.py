@@ -1,0 +1,59 @@
+"""Graceful stop on SIGTERM / SIGINT: the trainer finishes the optimizer step in progress, writes a checkpoint and
+exits with EXIT_PREEMPTED, so `--resume latest` continues exactly where it stopped.
+
+Clusters announce preemption with SIGTERM and a grace period (Kubernetes 30 s by default, SLURM's KillWait, torchrun
+forwards it to every worker's process group), and a terminal sends SIGINT on Ctrl-C. The handler only records the
+signal; the loop checks it once per step, and all ranks agree through the step's existing all-reduce, so every
+rank stops after the same step. A second signal stops at once (the last complete checkpoint stays intact).
+DataLoader workers ignore both signals: they are stopped by their parent (or die with it), so a signal sent to the
+whole process group cannot take the data away from the step being finished.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+
+# sysexits.h EX_TEMPFAIL, "temporary failure, the user is invited to retry": a scheduler can requeue on it (e.g. a
+# Kubernetes podFailurePolicy on exit code 75) instead of counting a failure
+EXIT_PREEMPTED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequest:
+    """Records the first SIGTERM/SIGINT; restores the default action so that a second one ends the process."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+        for sig in STOP_SIGNALS:  # a second signal: the default action (terminate) at once
+            signal.signal(sig, signal.SIG_DFL)
+        print(
+            f"\nreceived {signal.Signals(signum).name}: finishing the current step, then writing a checkpoint "
+            f"and exiting with {EXIT_PREEMPTED} (send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: the parent trainer decides when its workers stop (see the module docstring)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
