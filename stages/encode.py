@@ -226,8 +226,11 @@ def previous_config(out: str) -> dict[str, Any] | None:
     if storage.exists(storage.join(out, MANIFEST_NAME)):
         return Manifest.load(out).encode_config
     marker = storage.join(out, CONFIG_MARKER)
-    checkpointed = [
-        n for n in storage.list_names(storage.join(out, "_checkpoints")) if not n.endswith(".json")
+    checkpoints = storage.join(out, "_checkpoints")
+    checkpointed = [  # Ray creates the folder before its first commit: only one with files holds rows
+        n
+        for n in storage.list_names(checkpoints)
+        if not n.endswith(".json") and storage.list_names(storage.join(checkpoints, n))
     ]
     pairs = published_parts(storage.join(out, "pairs"), "chunk_") or checkpointed
     return storage.read_json(marker) if pairs and storage.exists(marker) else None
@@ -569,7 +572,8 @@ def run(config: EncodeConfig) -> Report | None:
         if previous is not None:
             compare_configs(previous, output_config(config), out)
         elif storage.exists(marker) and storage.read_json(marker) != output_config(config):
-            storage.remove(storage.join(out, "text"))  # embeddings of a failed attempt with another config
+            for stale in ("text", "pairs", "_checkpoints", "_drops"):  # a failed attempt with another config
+                storage.remove(storage.join(out, stale))
         plan = plan_chunks(out, files, scan, config.chunk_files)
         todo = [k for k, _ in plan if load_part(storage.join(out, "pairs", f"chunk_{k:05d}")) is None]
         if not todo and storage.exists(storage.join(out, MANIFEST_NAME)):
