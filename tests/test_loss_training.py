@@ -139,6 +139,9 @@ def test_mismatched_captions_shift_by_one_pair() -> None:
         (["--loss", "dpo", "--beta", "0"], "--beta must be > 0"),
     ],
 )
-def test_objective_flags_are_checked(args: list[str], message: str, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match=message):
-        train.main(["--data", str(tmp_path), "--model", "m", *args])
+def test_objective_flags_are_checked(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad objective flag is a usage error (exit 2) whose message names the flag, before any work starts."""
+    assert train.main(["--data", str(tmp_path), "--model", "m", *args]) == 2
+    assert message in capsys.readouterr().err
