@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from schemas.config import TrainConfig
+from schemas.errors import InputError
 from trainer.data import iter_eval_batches
 from trainer.model import draw_eval_noise, load_models, pair_errors
 from trainer.train import check_config
@@ -54,7 +55,7 @@ def test_default_is_constant() -> None:
 
 
 def test_unknown_mode_is_an_error_naming_the_flag(tiny_sdxl: Path) -> None:
-    with pytest.raises(SystemExit, match="--sdxl-time-ids"):
+    with pytest.raises(InputError, match="--sdxl-time-ids"):
         check_config(TrainConfig(data="d", model="m", sdxl_time_ids="original"))
     with pytest.raises(ValueError, match="sdxl_time_ids"):
         load_models(str(tiny_sdxl), need_reference=False, sdxl_time_ids="original")
