@@ -173,11 +173,24 @@ def tiny_vae(work: Path) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--resolution", type=int, nargs="+", default=[512, 1024], choices=sorted(VAE_GFLOP))
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        nargs="+",
+        default=[512, 1024],
+        choices=sorted(VAE_GFLOP),
+        help="training resolutions R to measure (default: 512 1024)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="timed repeats per case, best kept (default: 3)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse_args(argv)
     resolutions = tuple(args.resolution)
     with tempfile.TemporaryDirectory() as tmp:
         result = run(resolutions, args.repeat, tiny_vae(Path(tmp)))

@@ -389,15 +389,27 @@ def bench_vae(setup: Setup, device: torch.device, peak: float) -> list:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--family", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
-    parser.add_argument("--out", default="BENCHMARKS_GPU.md")
+    parser.add_argument(
+        "--family",
+        nargs="+",
+        default=["sd15", "sdxl"],
+        choices=["sd15", "sdxl"],
+        help="architectures to measure (default: both)",
+    )
+    parser.add_argument(
+        "--out", default="BENCHMARKS_GPU.md", help="markdown report (default: BENCHMARKS_GPU.md)"
+    )
     parser.add_argument("--work", default=None, help="scratch directory (models and data are kept there)")
     parser.add_argument(
         "--tiny", action="store_true", help="tiny models at 64 px: a smoke run, numbers mean nothing"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-gpu-"))

@@ -67,24 +67,34 @@ def train_and_evaluate(loss: str, args: argparse.Namespace, cfg: TrainConfig) ->
     return {"loss": loss, "train": train, "eval": evaluation}
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="train encode output (manifest.json)")
     parser.add_argument("--val-data", required=True, help="validation encode output")
     parser.add_argument(
         "--model", required=True, help="the base model: every run starts from it and is scored against it"
     )
-    parser.add_argument("--config", default="configs/demo.toml")
-    parser.add_argument("--losses", default=",".join(n for n in LOSS_NAMES if n != "diffusion"))
+    parser.add_argument(
+        "--config", default="configs/demo.toml", help="trainer config shared by every loss (no beta in it)"
+    )
+    parser.add_argument(
+        "--losses",
+        default=",".join(n for n in LOSS_NAMES if n != "diffusion"),
+        help="comma-separated --loss names (default: all but diffusion)",
+    )
     parser.add_argument("--max-steps", type=int, default=None, help="default: the config's")
-    parser.add_argument("--work", default="runs/bench-losses")
+    parser.add_argument("--work", default="runs/bench-losses", help="run directories, one per loss")
     parser.add_argument("--out", default=None, help="markdown file (default: stdout only)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
     losses = [x for x in args.losses.split(",") if x]
     unknown = sorted(set(losses) - set(LOSS_NAMES))
     if unknown or not losses:
         raise SystemExit(f"error: --losses: unknown {unknown}; choose from {LOSS_NAMES}")
-    cfg = TrainConfig(**load_config_file(args.config))
+    cfg = TrainConfig(**{**load_config_file(args.config), "data": args.data, "model": args.model})
     if cfg.beta is not None:
         raise SystemExit(f"error: {args.config} sets beta; every loss must run with its own default β")
     family = Manifest.load(args.data).model_family

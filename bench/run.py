@@ -358,12 +358,16 @@ def bench_train(work: Path, latent_data: Path, steps: int, repeat: int) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="BENCHMARKS.md")
+    parser.add_argument("--out", default="BENCHMARKS.md", help="markdown report (default: BENCHMARKS.md)")
     parser.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller inputs (a smoke run)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
     repeat = 1 if args.quick else 3
     os.environ.setdefault("WDS_SECURE", "1")
     ensure_demo_inputs()

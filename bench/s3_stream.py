@@ -96,13 +96,17 @@ def splice_section(path: Path, text: str) -> None:
     path.write_text(new)
 
 
+def arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="BENCHMARKS.md", help="markdown file whose S3 section is updated")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller inputs (a smoke run)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.run import sd15_stream_dataset
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="BENCHMARKS.md")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller inputs (a smoke run)")
-    args = parser.parse_args(argv)
+    args = arguments().parse_args(argv)
     os.environ.setdefault("WDS_SECURE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         data = sd15_stream_dataset(Path(tmp), 500 if args.quick else 2000)

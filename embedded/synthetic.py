@@ -281,14 +281,22 @@ def write_synthetic_dataset(
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", type=Path, required=True, help="dataset folder (train/ and validation/ parquet)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the dataset is a pure function of it (default: 0)"
+    )
     parser.add_argument("--rows", type=int, required=True, help="train rows")
-    parser.add_argument("--val-rows", type=int, default=0, help="validation rows")
-    parser.add_argument("--rows-per-file", type=int, default=400)
-    args = parser.parse_args(argv)
+    parser.add_argument("--val-rows", type=int, default=0, help="validation rows (default: 0)")
+    parser.add_argument("--rows-per-file", type=int, default=400, help="rows per parquet file (default: 400)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
     t0 = time.perf_counter()
     try:
         s = write_synthetic_dataset(

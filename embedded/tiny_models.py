@@ -271,14 +271,20 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--out", type=Path, required=True, help="parent folder; models go to OUT/tiny-<family>"
     )
-    parser.add_argument("--family", choices=[*FAMILIES, "all"], default="all")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--family", choices=[*FAMILIES, "all"], default="all", help="which model to build (default: all)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random init (default: 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     for family in FAMILIES if args.family == "all" else (args.family,):
         t0 = time.perf_counter()

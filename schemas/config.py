@@ -1,7 +1,10 @@
 """The two configuration objects, and one way to fill them from a file plus command-line flags.
 
-Every field is also a flag (`snake_case` → `--kebab-case`); `--config FILE` (JSON or TOML) supplies defaults and the
-command line wins. Booleans take `--flag` / `--no-flag`.
+Every field is also a flag (`snake_case` → `--kebab-case`) whose `--help` line is the field's `help`; `--config FILE`
+(JSON or TOML) supplies values and the command line wins. Booleans take `--flag` / `--no-flag`. Every check of the
+values lives in `__post_init__`, so a config built in code is checked exactly like one parsed from the command line:
+a bad value is an InputError naming the flag (the CLIs print it and exit 2). A config-file value of the wrong type
+or an unknown key is a usage error (exit 2) naming the key.
 """
 
 from __future__ import annotations
@@ -16,110 +19,271 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from schemas.errors import InputError
+from schemas.sample import LATENT_MODES
+
 T = TypeVar("T")
+
+# The values the choice flags take; the stages and the trainer use these same tuples.
+PREPROCESS_MODES = ("official", "fast")
+ALPHA_MODES = ("convert", "white")
+ENCODE_DTYPES = ("auto", "fp32", "fp16", "bf16")
+TIE_POLICIES = ("drop", "keep")
+INPUT_FORMATS = ("pickapic", "preference", "webdataset")
+TRAIN_LOSSES = ("dpo", "cdpo", "ipo", "hinge", "dmpo", "mapo", "sft", "diffusion", "kto", "dspo")
+SDPO_LOSSES = frozenset({"dpo", "cdpo", "dmpo", "dspo"})  # the losses --sdpo-mu can wrap
+KTO_REFERENCE_POINTS = ("mismatched", "batch")
+OPTIMIZERS = ("adamw", "adafactor")
+MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
+SDXL_TIME_IDS = ("constant", "image")
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    positive: bool = False,
+    required: bool = False,
+    loss: str | None = None,
+) -> Any:
+    """A config field with its flag's help line and the checks `__post_init__` applies to it. `loss`: the field
+    tunes that --loss only, so setting it with another loss is an error rather than silently ignored."""
+    meta = {
+        "help": help,
+        "choices": choices,
+        "minimum": minimum,
+        "maximum": maximum,
+        "positive": positive,
+        "required": required,
+        "loss": loss,
+    }
+    return field(default=default, metadata=meta)
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_problems(config: Any, optional: tuple[str, ...] = ()) -> list[str]:
+    """Required values present, choices and ranges respected, loss-specific values only with their loss: one
+    message per problem, each naming the flag. `optional`: required fields this config can do without."""
+    problems = []
+    for f in fields(config):
+        value, meta, flag = getattr(config, f.name), f.metadata, flag_of(f.name)
+        low, high = meta["minimum"], meta["maximum"]
+        if meta["required"] and f.name not in optional and not value:
+            problems.append(f"{flag} is required")
+        elif value is None:
+            continue
+        elif meta["choices"] and value not in meta["choices"]:
+            problems.append(f"{flag} must be one of {meta['choices']}, got {value!r}")
+        elif meta["positive"] and value <= 0:
+            problems.append(f"{flag} must be > 0, got {value}")
+        elif low is not None and high is not None and not low <= value <= high:
+            problems.append(f"{flag} must be in [{low}, {high}], got {value}")
+        elif low is not None and value < low:
+            problems.append(f"{flag} must be >= {low}, got {value}")
+        elif meta["loss"] and value != f.default and getattr(config, "loss", None) != meta["loss"]:
+            problems.append(f"{flag} applies to --loss {meta['loss']} only, not {config.loss}")
+    return problems
+
+
+def check(config: Any, problems: list[str]) -> None:
+    if problems:
+        raise InputError("; ".join(problems))
 
 
 @dataclass
 class EncodeConfig:
-    src: str = ""  # directory, glob, brace pattern, comma-separated list, or fsspec URL (s3://...)
-    format: str = "pickapic"  # input layout: pickapic, preference (hub parquet) or webdataset (tars)
-    columns: str = (
-        ""  # preference/webdataset: ROLE=NAME,... e.g. caption=prompt,chosen=chosen,rejected=rejected
+    src: str = option(
+        "",
+        "input: a directory, glob, brace pattern, comma-separated list or fsspec URL (s3://bucket/prefix)",
+        required=True,
     )
-    out: str = ""
-    model: str = ""  # hub id, local snapshot, or models/tiny-sd15
-    resolution: int = 512
-    latent_mode: str = (
-        "moments"  # "moments" (mean + logvar, fresh sample per step) or "mean" (half the bytes)
+    format: str = option(
+        "pickapic",
+        "input layout: pickapic (parquet), preference (hub parquet) or webdataset (tars)",
+        choices=INPUT_FORMATS,
     )
-    flip: bool = True  # cache horizontally flipped variants, as the official recipe flips by default
-    # "official": DiffusionDPO's decode, resize and crop bit for bit; "fast": DCT-scaled JPEG decode (README)
-    preprocess: str = "official"
-    # "convert": alpha dropped, as .convert("RGB") does (official); "white": composited onto white
-    alpha: str = "convert"
-    dtype: str = "auto"  # VAE/text encoder compute dtype: auto (fp16 on GPU unless force_upcast, else fp32), fp32, fp16, bf16
-    tie_policy: str = (
-        "drop"  # "drop" ties (label_0 == 0.5) or "keep" them (trainer treats them as soft labels)
+    columns: str = option(
+        "", "preference/webdataset: ROLE=NAME,... e.g. caption=prompt,chosen=chosen,rejected=rejected"
     )
-    shard_size: int = 1000  # pair samples per tar
-    text_shard_size: int = 5000  # caption embeddings per text tar
-    chunk_files: int = (
-        32  # input files (parquet or tar) per chunk: the unit of atomic publish and of skipping on rerun
+    out: str = option(
+        "", "output directory or URL (pairs/, text/, manifest.json); a rerun resumes it", required=True
     )
-    decode_batch_size: int = 32
-    encode_batch_size: int = 16  # pairs per VAE call (4 images each with flips)
-    text_batch_size: int = 64
-    num_encoders: int = 0  # encoder actors; 0 = one per GPU, or one per 2 CPUs without GPUs
-    ray_address: str | None = None  # None: join RAY_ADDRESS / a running cluster, else start a local one
-    seed: int = 0
+    model: str = option(
+        "", "diffusers model: a folder (SD1.5 or SDXL layout), a hub id, or models/tiny-sd15", required=True
+    )
+    resolution: int = option(512, "square training resolution in pixels, a multiple of 8", minimum=8)
+    latent_mode: str = option(
+        "moments",
+        "moments: VAE mean + logvar, a fresh latent sample per step; mean: half the bytes",
+        choices=LATENT_MODES,
+    )
+    flip: bool = option(
+        True, "also cache latents of the horizontally flipped images (the official recipe flips)"
+    )
+    preprocess: str = option(
+        "official",
+        "official: DiffusionDPO's decode, resize and crop bit for bit; fast: DCT-scaled JPEG decode (README)",
+        choices=PREPROCESS_MODES,
+    )
+    alpha: str = option(
+        "convert",
+        'convert: alpha dropped, as .convert("RGB") does (official); white: composited onto white',
+        choices=ALPHA_MODES,
+    )
+    dtype: str = option(
+        "auto",
+        "VAE / text-encoder compute dtype; auto: fp16 on GPU unless the VAE asks for fp32, else fp32",
+        choices=ENCODE_DTYPES,
+    )
+    tie_policy: str = option(
+        "drop", "drop ties (label_0 = 0.5), or keep them as soft labels for the trainer", choices=TIE_POLICIES
+    )
+    shard_size: int = option(1000, "pair samples per tar", minimum=1)
+    text_shard_size: int = option(5000, "caption embeddings per text tar", minimum=1)
+    chunk_files: int = option(
+        32, "input files per chunk: the unit of atomic publish and of skipping on rerun", minimum=1
+    )
+    decode_batch_size: int = option(32, "rows per JPEG-decode task", minimum=1)
+    encode_batch_size: int = option(16, "pairs per VAE call (4 images each with flips)", minimum=1)
+    text_batch_size: int = option(64, "captions per text-encoder call", minimum=1)
+    num_encoders: int = option(0, "encoder actors; 0: one per GPU, or one per 2 CPUs without GPUs", minimum=0)
+    ray_address: str | None = option(
+        None, "Ray cluster to join (default: RAY_ADDRESS or a running cluster, else a private local one)"
+    )
+
+    def __post_init__(self) -> None:
+        problems = field_problems(self)
+        if self.resolution % 8:
+            problems.append(
+                f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}"
+            )
+        check(self, problems)
 
 
 @dataclass
 class TrainConfig:
-    data: str = ""  # encode output directory (has manifest.json)
-    model: str = ""  # base model: hub id, snapshot, or models/tiny-sd15
-    output_dir: str = "runs/dpo"
-    val_data: str | None = None
+    data: str = option("", "encode output directory or URL (has manifest.json)", required=True)
+    model: str = option(
+        "",
+        "base model in diffusers layout (folder, hub id or models/tiny-sd15): the reference and initial policy",
+        required=True,
+    )
+    output_dir: str = option("runs/dpo", "run directory: checkpoints/, final/, tracker logs")
+    val_data: str | None = option(
+        None, "held-out encode output, evaluated every --eval-every steps and at the end"
+    )
     # objective
-    # dpo cdpo ipo hinge dmpo mapo kto dspo sft (preferred images only) diffusion (plain denoising on both images)
-    loss: str = "dpo"
-    beta: float | None = (
-        None  # None: the loss's published β for the model family (README, "Preference losses")
+    loss: str = option(
+        "dpo",
+        "preference loss (README, 'Preference losses'); sft: preferred images only; diffusion: both, no pairs",
+        choices=TRAIN_LOSSES,
     )
-    label_smoothing: float | None = None  # cdpo ε (None: 0.1)
-    dmpo_alpha: float | None = None  # dmpo α (None: 0.01)
-    mapo_scale: float | None = None  # mapo s (None: 0.5)
-    mapo_temperature: float | None = None  # mapo T (None: the scheduler's num_train_timesteps)
-    kto_lambda_desirable: float | None = None  # kto λ_D (None: 1)
-    kto_lambda_undesirable: float | None = None  # kto λ_U (None: 1)
-    kto_reference_point: str = (
-        "mismatched"  # kto z0 from "mismatched" image/caption pairs or the "batch" itself
+    beta: float | None = option(
+        None, "the loss's β (default: its published value for the model family)", positive=True
     )
-    sdpo_mu: float = 0.0  # > 0: wrap dpo, cdpo, dmpo or dspo in the Diffusion-SDPO safeguard with this μ
-    caption_dropout: float = 0.2
+    label_smoothing: float | None = option(None, "cdpo ε (default 0.1)", loss="cdpo")
+    dmpo_alpha: float | None = option(None, "dmpo α (default 0.01)", loss="dmpo")
+    mapo_scale: float | None = option(None, "mapo s (default 0.5)", loss="mapo")
+    mapo_temperature: float | None = option(
+        None, "mapo T (default: the scheduler's num_train_timesteps)", loss="mapo"
+    )
+    kto_lambda_desirable: float | None = option(None, "kto λ_D (default 1)", loss="kto")
+    kto_lambda_undesirable: float | None = option(None, "kto λ_U (default 1)", loss="kto")
+    kto_reference_point: str = option(
+        "mismatched",
+        "kto z0 from mismatched image/caption pairs, or from the batch itself",
+        choices=KTO_REFERENCE_POINTS,
+    )
+    sdpo_mu: float = option(
+        0.0,
+        "> 0: wrap dpo, cdpo, dmpo or dspo in the Diffusion-SDPO safeguard with this μ",
+        minimum=0.0,
+        maximum=1.0,
+    )
+    caption_dropout: float = option(
+        0.2, "probability that a pair is trained on the empty caption", minimum=0.0, maximum=1.0
+    )
     # optimisation
-    seed: int = 0
-    max_steps: int = 2000
-    batch_size: int = 1  # pairs per process per micro-step
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-8
-    scale_lr: bool = True  # lr × batch_size × accumulation × processes, as the official launchers do
-    lr_scheduler: str = "constant_with_warmup"
-    lr_warmup_steps: int = 500
-    optimizer: str = "adamw"  # "adamw" or "adafactor"
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # "no", "fp16", "bf16"
-    gradient_checkpointing: bool = False
-    allow_tf32: bool = True
-    lora_rank: int = 0  # 0 = full fine-tune; > 0 = LoRA with the reference = adapters disabled
-    lora_alpha: float | None = None  # defaults to lora_rank
-    # SDXL micro-conditioning: "constant" = (R, R, 0, 0, R, R), DiffusionDPO's official SDXL recipe and what SDXL
-    # pipelines pass at inference by default; "image" = each image's stored original size and crop (diffusers'
-    # SDXL script, MaPO). Default: the official recipe, so results are comparable with the paper's.
-    sdxl_time_ids: str = "constant"
-    # data stream
-    num_workers: int = 2
-    shards_in_flight: int = 4  # shards mixed together by each worker
-    data_only: bool = False  # iterate the stream for max_steps batches, no model work
-    fixed_batch: bool = False  # benchmark: train on the first batch, kept on the device, at every step
-    # checkpoints, logging, evaluation
-    checkpoint_every: int = 500
-    checkpoints_total_limit: int = 3
-    resume: str | None = None  # "latest" or a checkpoint directory
-    overwrite_output_dir: bool = False  # replace the run output_dir holds (its checkpoints, final/, logs)
-    max_skipped_fraction: float = (
-        0.1  # stop (exit 3) when more steps than this had a non-finite loss or gradient
+    seed: int = option(
+        0, "seed of data order, noise and LoRA init: a run is a pure function of it", minimum=0
     )
-    log_every: int = 10
-    eval_every: int = 0  # with val_data: evaluate every N steps (0 = only at the end)
-    eval_max_pairs: int = 512
-    eval_draws: int = 4  # (noise, timestep) draws averaged per held-out pair
-    report_to: str = "tensorboard"  # or "none"
-    extra: dict[str, Any] = field(default_factory=dict)
+    max_steps: int = option(2000, "optimizer steps in total (a resumed run continues up to it)", minimum=1)
+    batch_size: int = option(1, "pairs per process per micro-step", minimum=1)
+    gradient_accumulation_steps: int = option(1, "micro-steps per optimizer step", minimum=1)
+    learning_rate: float = option(1e-8, "learning rate (per pair and process with --scale-lr)", minimum=0.0)
+    scale_lr: bool = option(
+        True, "multiply the lr by batch size × accumulation × processes, as the official launchers do"
+    )
+    lr_scheduler: str = option(
+        "constant_with_warmup", "diffusers schedule name (constant_with_warmup, cosine, …)"
+    )
+    lr_warmup_steps: int = option(500, "optimizer steps of linear warmup", minimum=0)
+    optimizer: str = option("adamw", "adamw, or adafactor (the official SDXL choice)", choices=OPTIMIZERS)
+    adam_beta1: float = option(0.9, "AdamW β1", minimum=0.0, maximum=1.0)
+    adam_beta2: float = option(0.999, "AdamW β2", minimum=0.0, maximum=1.0)
+    adam_weight_decay: float = option(1e-2, "weight decay (AdamW and Adafactor)", minimum=0.0)
+    adam_epsilon: float = option(1e-8, "AdamW ε", minimum=0.0)
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)", minimum=0.0)
+    mixed_precision: str = option(
+        "no",
+        "accelerate mixed precision; the frozen reference is held in this dtype",
+        choices=MIXED_PRECISION,
+    )
+    gradient_checkpointing: bool = option(
+        False, "recompute UNet activations in backward: less memory, more time"
+    )
+    allow_tf32: bool = option(True, "TF32 matmuls and convolutions on GPUs that have them")
+    lora_rank: int = option(
+        0, "0: full fine-tune; > 0: LoRA of this rank, reference = adapters disabled", minimum=0
+    )
+    lora_alpha: float | None = option(None, "LoRA α (default: the rank)", minimum=0.0)
+    sdxl_time_ids: str = option(
+        "constant",
+        "SDXL micro-conditioning: constant (R, R, 0, 0, R, R) as DiffusionDPO and SDXL inference; image: each "
+        "image's stored size and crop (diffusers' SDXL script, MaPO)",
+        choices=SDXL_TIME_IDS,
+    )
+    # data stream
+    num_workers: int = option(2, "DataLoader worker processes per rank", minimum=0)
+    shards_in_flight: int = option(4, "shards each worker reads and mixes together", minimum=1)
+    data_only: bool = option(
+        False, "benchmark the input stream: max_steps batches, no model (needs no --model)"
+    )
+    fixed_batch: bool = option(False, "benchmark the step: train on the first batch, kept on the device")
+    # checkpoints, logging, evaluation
+    checkpoint_every: int = option(
+        500, "save a checkpoint every N steps and at the end (0: never)", minimum=0
+    )
+    checkpoints_total_limit: int = option(3, "keep the newest N checkpoints (0: keep all)", minimum=0)
+    resume: str | None = option(
+        None, "latest (the newest checkpoint in --output-dir, if any) or a checkpoint directory"
+    )
+    overwrite_output_dir: bool = option(
+        False, "replace the run --output-dir holds (its checkpoints, final/, logs) instead of refusing"
+    )
+    max_skipped_fraction: float = option(
+        0.1,
+        "stop (exit 3) when more steps than this had a non-finite loss or gradient",
+        minimum=0.0,
+        maximum=1.0,
+    )
+    log_every: int = option(10, "log metric means every N steps and at the end", minimum=1)
+    eval_every: int = option(0, "with --val-data: evaluate every N steps (0: only at the end)", minimum=0)
+    eval_max_pairs: int = option(512, "held-out pairs evaluated", minimum=1)
+    eval_draws: int = option(4, "(noise, timestep) draws averaged per held-out pair", minimum=1)
+    report_to: str = option("tensorboard", "accelerate tracker for metrics (tensorboard, wandb, …), or none")
+
+    def __post_init__(self) -> None:
+        problems = field_problems(self, optional=("model",) if self.data_only else ())
+        if self.sdpo_mu and self.loss not in SDPO_LOSSES:
+            problems.append(f"--sdpo-mu wraps --loss {'/'.join(sorted(SDPO_LOSSES))} only, not {self.loss}")
+        check(self, problems)
 
 
 def _base_type(tp: Any) -> Any:
@@ -130,39 +294,46 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
-def _check_type(parser: argparse.ArgumentParser, path: str, key: str, value: Any, hint: Any) -> None:
+def _typed(parser: argparse.ArgumentParser, path: str, key: str, value: Any, hint: Any) -> Any:
     """A file value must already have its field's type (TOML `max_steps = "20"` is a string, not a count): an error
-    naming the key instead of a comparison failing deep inside the run. An int is accepted where a float is due."""
-    if value is None and hint is not _base_type(hint):
-        return
+    naming the key instead of a comparison failing deep inside the run. An int where a float is due becomes the
+    float the flag would have given."""
     tp = _base_type(hint)
-    if tp in (int, float, bool, str):
-        ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
-        ok = ok or (tp is float and isinstance(value, int) and not isinstance(value, bool))
-        if not ok:
-            parser.error(
-                f"config {path}: {key} = {value!r} is a {type(value).__name__}, expected {tp.__name__}"
-            )
+    if value is None and tp is not hint:
+        return None
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        parser.error(f"config {path}: {key} = {value!r} is a {type(value).__name__}, expected {tp.__name__}")
+    return value
 
 
-def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+def build_parser(
+    cls: type, description: str, parents: list[argparse.ArgumentParser] = ()
+) -> argparse.ArgumentParser:
+    """One flag per field with its help line and default; the required ones in their own group, so `--help`
+    marks them (they may also come from --config, so argparse itself does not enforce them)."""
+    parser = argparse.ArgumentParser(description=description, parents=list(parents))
+    required = parser.add_argument_group("required (on the command line or in --config)")
     parser.add_argument(
         "--config", help="JSON or TOML file with any of the flags below; the command line wins"
     )
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
-        if f.name == "extra":
-            continue
-        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
         tp = _base_type(hints[f.name])
-        default_text = f"(default: {f.default})" if f.default is not dataclasses.MISSING else ""
+        group = required if meta["required"] else parser
+        shown = meta["help"] if meta["required"] else f"{meta['help']} (default: {f.default})"
         if tp is bool:
-            parser.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=default_text
+            group.add_argument(
+                flag_of(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=shown
             )
         else:
-            parser.add_argument(flag, dest=f.name, type=tp, default=None, help=default_text)
+            metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else None
+            group.add_argument(
+                flag_of(f.name), dest=f.name, type=tp, default=None, help=shown, metavar=metavar
+            )
     return parser
 
 
@@ -175,23 +346,24 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise SystemExit(f"error: config {path}: {e}") from e
 
 
-def parse_config(cls: type[T], argv: list[str] | None, description: str) -> T:
-    """Defaults < config file < command line; an unknown key or a value of the wrong type in the file is an error
-    naming the key (exit 2, as argparse does for a bad flag)."""
-    parser = build_parser(cls, description)
+def parse_config(
+    cls: type[T], argv: list[str] | None, description: str, parents: list[argparse.ArgumentParser] = ()
+) -> T:
+    """Defaults < config file < command line. An unknown key or a value of the wrong type in the file is a usage
+    error naming the key (exit 2, as argparse does for a bad flag); the values themselves are checked by `cls`
+    (InputError naming the flag)."""
+    parser = build_parser(cls, description, parents)
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
-    known = {f.name for f in fields(cls)}
     if args.config:
-        file_values = load_config_file(args.config)
-        unknown = sorted(set(file_values) - known)
+        file_values = {k.replace("-", "_"): v for k, v in load_config_file(args.config).items()}
+        unknown = sorted(set(file_values) - {f.name for f in fields(cls)})
         if unknown:
             parser.error(f"config {args.config}: unknown keys {unknown}")
         hints = typing.get_type_hints(cls)
-        for key, value in file_values.items():
-            _check_type(parser, args.config, key, value, hints[key.replace("-", "_")])
-        values.update({k.replace("-", "_"): v for k, v in file_values.items()})
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+        values.update({k: _typed(parser, args.config, k, v, hints[k]) for k, v in file_values.items()})
+    own = {f.name for f in fields(cls)}
+    values.update({k: v for k, v in vars(args).items() if k in own and v is not None})
     return cls(**values)
 
 

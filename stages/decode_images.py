@@ -22,6 +22,7 @@ import simplejpeg
 from PIL import Image
 
 from schemas import storage
+from schemas.config import ALPHA_MODES, PREPROCESS_MODES
 from schemas.manifest import DROP_EMPTY_IMAGE, DROP_NULL_IMAGE, DROP_UNDECODABLE_IMAGE
 from schemas.sample import ImageMeta, PairMeta, caption_key
 
@@ -30,8 +31,6 @@ DECODERS = (
     "simplejpeg",
     "pil",
 )  # JPEG decoders; at full scale both equal PIL's (tested), simplejpeg is faster
-PREPROCESS_MODES = ("official", "fast")
-ALPHA_MODES = ("convert", "white")
 # The official path materialises the whole resized image before cropping. Past this many pixels (an aspect ratio
 # beyond 64:1 at R = 1024) it resizes only the crop box instead, which can differ by one grey level.
 MAX_RESIZED_PIXELS = 1 << 26

@@ -43,7 +43,6 @@ from schemas.manifest import MANIFEST_NAME, Manifest, Report, ShardEntry
 from schemas.sample import (
     CHECKSUM,
     EMPTY_CAPTION,
-    LATENT_MODES,
     PAIR_META_EXT,
     TENSORS_EXT,
     caption_key,
@@ -51,10 +50,10 @@ from schemas.sample import (
     model_family,
     read_tar,
 )
-from stages.decode_images import check_options, read_drops
+from stages.decode_images import read_drops
 from stages.formats import PairFormat, get_format
 from stages.ray_driver import RayUnreachable, init_with_deadline, probe_address, start_reaper
-from stages.read_pairs import REQUIRED_COLUMNS, InputError, Prescan, prescan, valid_labels
+from stages.read_pairs import REQUIRED_COLUMNS, InputError, Prescan, prescan
 from stages.write_shards import commit_part, load_part
 
 CONFIG_MARKER = "_encode_config.json"
@@ -87,31 +86,6 @@ class OutputBusy(Exception):
 def output_config(config: EncodeConfig) -> dict[str, Any]:
     """The keys that change what is written; batch sizes, actor counts and the Ray address do not."""
     return {k: v for k, v in config_to_dict(config).items() if k not in RUNTIME_KEYS}
-
-
-def check_config(config: EncodeConfig) -> None:
-    if config.latent_mode not in LATENT_MODES:
-        raise InputError(f"--latent-mode must be one of {LATENT_MODES}, got {config.latent_mode!r}")
-    valid_labels(config.tie_policy)
-    try:
-        check_options(config.preprocess, config.alpha)
-    except ValueError as e:
-        raise InputError(f"--{e}") from None
-    for name in (
-        "resolution",
-        "shard_size",
-        "text_shard_size",
-        "chunk_files",
-        "decode_batch_size",
-        "encode_batch_size",
-        "text_batch_size",
-    ):
-        if getattr(config, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    if config.resolution % 8:
-        raise InputError(
-            f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {config.resolution}"
-        )
 
 
 def _normal_src(src: str) -> str:
@@ -236,8 +210,15 @@ def previous_config(out: str) -> dict[str, Any] | None:
     return storage.read_json(marker) if pairs and storage.exists(marker) else None
 
 
+def recorded_config(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A config OUT recorded, as this version compares it: keys this version no longer has are left out (they
+    cannot change what it writes; e.g. the never-used `seed` of earlier versions), so older outputs still resume."""
+    known = {f.name for f in fields(EncodeConfig)}
+    return {k: v for k, v in recorded.items() if k in known}
+
+
 def compare_configs(previous: dict[str, Any], current: dict[str, Any], out: str) -> None:
-    keys = {k: v for k, v in previous.items() if k not in RUNTIME_KEYS}
+    keys = {k: v for k, v in recorded_config(previous).items() if k not in RUNTIME_KEYS}
     keys["src"], keys["model"] = _normal_src(keys.get("src", "")), _normal_model(keys.get("model", ""))
     differing = sorted(k for k in keys.keys() | current.keys() if keys.get(k) != current.get(k))
     if differing:
@@ -552,7 +533,6 @@ def run(config: EncodeConfig) -> Report | None:
     written once Ray is up and the work is planned, so a failed first attempt never blocks a corrected rerun.
     """
     t0 = time.perf_counter()
-    check_config(config)
     config = normalised(config)
     refuse_out_inside_src(config)
     model_dir = resolve_model(config.model)
@@ -571,7 +551,7 @@ def run(config: EncodeConfig) -> Report | None:
         marker = storage.join(out, CONFIG_MARKER)
         if previous is not None:
             compare_configs(previous, output_config(config), out)
-        elif storage.exists(marker) and storage.read_json(marker) != output_config(config):
+        elif storage.exists(marker) and recorded_config(storage.read_json(marker)) != output_config(config):
             for stale in ("text", "pairs", "_checkpoints", "_drops"):  # a failed attempt with another config
                 storage.remove(storage.join(out, stale))
         plan = plan_chunks(out, files, scan, config.chunk_files)
@@ -659,17 +639,8 @@ def write_report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(EncodeConfig, argv, __doc__.split("\n")[0])
-    missing = [
-        f.name
-        for f in fields(EncodeConfig)
-        if f.name in ("src", "out", "model") and not getattr(config, f.name)
-    ]
-    if missing:
-        print(f"error: missing required flags {['--' + m for m in missing]}", file=sys.stderr)
-        return 2
     try:
-        run(config)
+        run(parse_config(EncodeConfig, argv, __doc__.split("\n")[0]))
     except (InputError, ConfigMismatch, OutputBusy, RayUnreachable, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,9 +12,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
+from schemas.config import ENCODE_DTYPES
 from schemas.sample import SIDES, TORCH_DTYPES, latent_tensor_names, tensor_name
-
-ENCODE_DTYPES = ("fp32", "fp16", "bf16")
 
 
 def resolve_dtype(dtype: str, device: torch.device, force_upcast: bool) -> torch.dtype:
@@ -22,7 +21,7 @@ def resolve_dtype(dtype: str, device: torch.device, force_upcast: bool) -> torch
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" and not force_upcast else torch.float32
     if dtype not in ENCODE_DTYPES:
-        raise ValueError(f"dtype must be auto or one of {sorted(ENCODE_DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype must be one of {ENCODE_DTYPES}, got {dtype!r}")
     return TORCH_DTYPES[dtype]
 
 

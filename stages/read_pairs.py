@@ -17,13 +17,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from schemas.config import TIE_POLICIES
 from schemas.manifest import DROP_BAD_LABEL, DROP_NULL_CAPTION, DROP_TIE
 
 if TYPE_CHECKING:
     from stages.formats import PairFormat
 
 REQUIRED_COLUMNS = ("ranking_id", "caption", "jpg_0", "jpg_1", "label_0", "image_0_uid", "image_1_uid")
-TIE_POLICIES = ("drop", "keep")
 TIE_LABEL = 0.5
 
 

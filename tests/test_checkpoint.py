@@ -27,7 +27,7 @@ def _setup(optimizer: str, seed: int = 0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
     model[0].bias.requires_grad_(False)  # a frozen parameter must not shift optimizer indices
-    cfg = TrainConfig(optimizer=optimizer, lr_warmup_steps=3, max_steps=10)
+    cfg = TrainConfig(data="d", model="m", optimizer=optimizer, lr_warmup_steps=3, max_steps=10)
     opt = build_optimizer((p for p in model.parameters() if p.requires_grad), cfg, lr=1e-2)
     return model, opt, build_lr_scheduler(opt, cfg)
 
@@ -99,9 +99,11 @@ def test_wrong_weights_are_refused(tmp_path: Path) -> None:
         accelerator, tmp_path, TrainState(global_step=1), model, opt, sched, {}, total_limit=0
     )
     other = torch.nn.Sequential(torch.nn.Linear(4, 8))
-    opt2 = build_optimizer(other.parameters(), TrainConfig(), lr=1e-2)
+    opt2 = build_optimizer(other.parameters(), TrainConfig(data="d", model="m"), lr=1e-2)
     with pytest.raises(InputError, match="does not match the model"):
-        load_checkpoint(path, accelerator, other, opt2, build_lr_scheduler(opt2, TrainConfig()))
+        load_checkpoint(
+            path, accelerator, other, opt2, build_lr_scheduler(opt2, TrainConfig(data="d", model="m"))
+        )
 
 
 def test_topology_mismatch_is_refused(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ from schemas.config import TrainConfig
 from schemas.errors import InputError
 from trainer.data import iter_eval_batches
 from trainer.model import draw_eval_noise, load_models, pair_errors
-from trainer.train import check_config
 
 
 def errors_and_time_ids(model: Path, data: Path, mode: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -51,11 +50,11 @@ def test_constant_is_the_official_recipe_and_image_the_stored_ids(tiny_sdxl: Pat
 
 
 def test_default_is_constant() -> None:
-    assert TrainConfig().sdxl_time_ids == "constant"
+    assert TrainConfig(data="d", model="m").sdxl_time_ids == "constant"
 
 
 def test_unknown_mode_is_an_error_naming_the_flag(tiny_sdxl: Path) -> None:
     with pytest.raises(InputError, match="--sdxl-time-ids"):
-        check_config(TrainConfig(data="d", model="m", sdxl_time_ids="original"))
+        TrainConfig(data="d", model="m", sdxl_time_ids="original")
     with pytest.raises(ValueError, match="sdxl_time_ids"):
         load_models(str(tiny_sdxl), need_reference=False, sdxl_time_ids="original")

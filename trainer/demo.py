@@ -17,6 +17,7 @@ from pathlib import Path
 
 from schemas.atomic import read_json
 from schemas.config import TrainConfig, parse_config
+from schemas.errors import InputError
 from schemas.sample import pair_key
 from trainer import train
 from trainer.evaluate import caption_gap, evaluate, load_for_eval
@@ -51,12 +52,27 @@ def reference_caption_gap(cfg: TrainConfig) -> dict[str, float]:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def demo_arguments() -> argparse.ArgumentParser:
+    """The demo's own flags; every other flag is the trainer's (TrainConfig), passed on to trainer.train."""
     own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("--min-accuracy", type=float, default=MIN_ACCURACY)
+    own.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=MIN_ACCURACY,
+        help=f"held-out implicit accuracy the trained policy must reach, else exit 1 (default: {MIN_ACCURACY})",
+    )
     own.add_argument("--defects", type=Path, help="loser_defects.json of the validation parquet split")
+    return own
+
+
+def main(argv: list[str] | None = None) -> int:
+    own = demo_arguments()
     args, rest = own.parse_known_args(argv if argv is not None else sys.argv[1:])
-    cfg = parse_config(TrainConfig, rest, __doc__.split("\n\n")[0])
+    try:
+        cfg = parse_config(TrainConfig, rest, __doc__.split("\n\n")[0], parents=[own])
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not cfg.val_data:
         raise SystemExit("error: the demo needs --val-data")
     groups = None

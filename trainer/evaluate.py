@@ -26,12 +26,12 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from schemas.atomic import read_json
+from schemas.config import SDXL_TIME_IDS
 from schemas.manifest import Manifest
 from trainer.checkpoint import RUN_INFO, load_trainable_weights
 from trainer.data import iter_eval_batches
 from trainer.losses import dpo_logits, dpo_loss, implicit_accuracy, reward_margin
 from trainer.model import (
-    SDXL_TIME_IDS,
     Models,
     draw_eval_noise,
     load_models,
@@ -282,7 +282,7 @@ def check_eval_resolution(data_dir: str | Path, trained: int | None, unet: UNet2
         )
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="encode output directory (manifest.json)")
     parser.add_argument("--model", required=True, help="base model folder: the reference (unet/, scheduler/)")
@@ -291,11 +291,17 @@ def main(argv: list[str] | None = None) -> int:
         help="a trained UNet folder (RUN/final/unet) or a training checkpoint (RUN/checkpoints/step_N)",
     )
     parser.add_argument("--lora", help="a LoRA folder saved by the trainer (e.g. RUN/final/lora)")
-    parser.add_argument("--max-pairs", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--beta", type=float, default=5000.0)
-    parser.add_argument("--draws", type=int, default=4, help="(noise, timestep) draws averaged per pair")
+    parser.add_argument("--max-pairs", type=int, default=None, help="score the first N pairs (default: all)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the fixed (noise, timestep) draws (default: 0)"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass (default: 16)")
+    parser.add_argument(
+        "--beta", type=float, default=5000.0, help="DPO β of the reported dpo_loss (default: 5000)"
+    )
+    parser.add_argument(
+        "--draws", type=int, default=4, help="(noise, timestep) draws averaged per pair (default: 4)"
+    )
     parser.add_argument(
         "--sdxl-time-ids",
         choices=SDXL_TIME_IDS,
@@ -303,7 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         help="SDXL micro-conditioning; use what the policy was trained with (default: constant)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
     models, policy = load_for_eval(args.model, args.unet, args.lora, args.sdxl_time_ids)
     check_eval_resolution(args.data, trained_resolution(args.unet), policy)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

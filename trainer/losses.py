@@ -23,6 +23,8 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from schemas.config import TRAIN_LOSSES
+
 Reduction = Literal["mean", "none"]
 
 
@@ -321,9 +323,8 @@ PAIR_LOSSES: dict[str, PairLoss] = {
     "sft": sft_loss,
     "diffusion": diffusion_loss,
 }
-LOSS_NAMES = (*PAIR_LOSSES, "kto", "dspo")
+LOSS_NAMES = TRAIN_LOSSES  # the --loss choices (schemas.config); test_losses checks each is implemented here
 REFERENCE_FREE = frozenset({"mapo", "sft", "diffusion"})
-SDPO_LOSSES = frozenset({"dpo", "cdpo", "dmpo", "dspo"})
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from schemas.config import SDXL_TIME_IDS
 from schemas.errors import InputError
 from schemas.manifest import Manifest
 from schemas.seeds import seed_of
@@ -25,7 +26,6 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # SDXL micro-conditioning. "constant": (R, R, 0, 0, R, R) for every image, as DiffusionDPO's train.py does and as
 # SDXL pipelines condition at inference by default; "image": each image's original size and crop, as diffusers'
 # train_text_to_image_sdxl.py and MaPO do. See TrainConfig.sdxl_time_ids for the default.
-SDXL_TIME_IDS = ("constant", "image")
 _NOISE_DOMAIN = (
     0x4E4F495345  # keeps training-noise seeds apart from the data stream's (seed, slot, batch) seeds
 )

@@ -17,10 +17,8 @@ from diffusers import UNet2DConditionModel
 from schemas.config import TrainConfig
 from trainer.losses import (
     LOSS_DEFAULTS,
-    LOSS_NAMES,
     PAIR_LOSSES,
     REFERENCE_FREE,
-    SDPO_LOSSES,
     default_beta,
     dpo_logits,
     dspo_loss,
@@ -40,31 +38,8 @@ LOSS_FLAGS: dict[str, dict[str, str]] = {
     "mapo": {"mapo_scale": "scale", "mapo_temperature": "temperature"},
     "kto": {"kto_lambda_desirable": "lambda_desirable", "kto_lambda_undesirable": "lambda_undesirable"},
 }
-KTO_REFERENCE_POINTS = ("mismatched", "batch")
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-def check_objective(cfg: TrainConfig) -> list[str]:
-    """Problems with the objective flags, each naming the flag."""
-    if cfg.loss not in LOSS_NAMES:
-        return [f"--loss must be one of {LOSS_NAMES}, got {cfg.loss!r}"]
-    problems = []
-    for loss, flags in LOSS_FLAGS.items():
-        for flag in flags:
-            if getattr(cfg, flag) is not None and cfg.loss != loss:
-                problems.append(f"--{flag.replace('_', '-')} applies to --loss {loss} only, not {cfg.loss}")
-    if cfg.sdpo_mu and cfg.loss not in SDPO_LOSSES:
-        problems.append(f"--sdpo-mu wraps --loss {'/'.join(sorted(SDPO_LOSSES))} only, not {cfg.loss}")
-    if not 0.0 <= cfg.sdpo_mu <= 1.0:
-        problems.append(f"--sdpo-mu must be in [0, 1], got {cfg.sdpo_mu}")
-    if cfg.kto_reference_point not in KTO_REFERENCE_POINTS:
-        problems.append(
-            f"--kto-reference-point must be one of {KTO_REFERENCE_POINTS}, got {cfg.kto_reference_point!r}"
-        )
-    if cfg.beta is not None and cfg.beta <= 0:
-        problems.append(f"--beta must be > 0, got {cfg.beta}")
-    return problems
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,7 @@ from diffusers.optimization import get_scheduler
 from torch.optim.lr_scheduler import LambdaLR
 from transformers.optimization import Adafactor
 
-from schemas.config import TrainConfig
-
-OPTIMIZERS = ("adamw", "adafactor")
+from schemas.config import OPTIMIZERS, TrainConfig
 
 
 def effective_lr(cfg: TrainConfig, num_processes: int) -> float:

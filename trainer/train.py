@@ -39,8 +39,8 @@ from trainer.data import LatentPairStream, make_loader
 from trainer.evaluate import evaluate, strict_json
 from trainer.losses import REFERENCE_FREE, default_beta
 from trainer.metrics import MetricWindow
-from trainer.model import SDXL_TIME_IDS, Models, check_data_fits_model, load_models, to_device
-from trainer.objective import Objective, check_objective
+from trainer.model import Models, check_data_fits_model, load_models, to_device
+from trainer.objective import Objective
 from trainer.optim import build_lr_scheduler, build_optimizer, effective_lr
 from trainer.preemption import EXIT_PREEMPTED, StopRequest
 from trainer.run_dir import (
@@ -53,7 +53,6 @@ from trainer.run_dir import (
 )
 from trainer.step import Trainer, train_step
 
-MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
 # accelerate only treats torchrun's processes as one CPU job (gloo) when told cpu=True
 _NO_GPU = not torch.cuda.is_available()
 # a terminal gets a live bar; a log file (CI, `ray job logs`) gets a line every 30 s instead of thousands of \r updates
@@ -61,25 +60,6 @@ PROGRESS_INTERVAL_S = 0.1 if sys.stderr.isatty() else 30.0
 EXIT_INPUT = 2
 EXIT_DIVERGED = 3
 MIN_STEPS_FOR_FRACTION = 100
-
-
-def check_config(cfg: TrainConfig) -> None:
-    problems = []
-    if not cfg.data:
-        problems.append("--data is required")
-    if not cfg.model and not cfg.data_only:
-        problems.append("--model is required")
-    problems += check_objective(cfg)
-    if cfg.mixed_precision not in MIXED_PRECISION:
-        problems.append(f"--mixed-precision must be one of {MIXED_PRECISION}, got {cfg.mixed_precision!r}")
-    if min(cfg.max_steps, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.log_every) < 1:
-        problems.append("max_steps, batch_size, gradient_accumulation_steps and log_every must be >= 1")
-    if cfg.lora_rank < 0 or cfg.checkpoint_every < 0 or cfg.eval_every < 0:
-        problems.append("lora_rank, checkpoint_every and eval_every must be >= 0")
-    if cfg.sdxl_time_ids not in SDXL_TIME_IDS:
-        problems.append(f"--sdxl-time-ids must be one of {SDXL_TIME_IDS}, got {cfg.sdxl_time_ids!r}")
-    if problems:
-        raise InputError("; ".join(problems))
 
 
 def make_stream(cfg: TrainConfig, rank: int, world_size: int, start_batch: int) -> LatentPairStream:
@@ -351,9 +331,8 @@ def evaluate_and_log(trainer: Trainer, step: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(TrainConfig, argv, __doc__.split("\n\n")[0])
     try:
-        check_config(cfg)
+        cfg = parse_config(TrainConfig, argv, __doc__.split("\n\n")[0])
         if cfg.data_only:
             return run_data_only(cfg)
         return train(cfg)
