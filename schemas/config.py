@@ -156,6 +156,7 @@ class EncodeConfig:
     ray_address: str | None = option(
         None, "Ray cluster to join (default: RAY_ADDRESS or a running cluster, else a private local one)"
     )
+    verbose: bool = option(False, "show Ray's own logging, worker output and per-operator progress bars")
 
     def __post_init__(self) -> None:
         problems = field_problems(self)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.metadata
+import logging
 import os
 import socket
 import subprocess
@@ -52,6 +53,7 @@ from schemas.sample import (
 )
 from stages.decode_images import read_drops
 from stages.formats import PairFormat, get_format
+from stages.progress import RowCounter, RowProgress, count_rows
 from stages.ray_driver import RayUnreachable, init_with_deadline, probe_address, start_reaper
 from stages.read_pairs import REQUIRED_COLUMNS, InputError, Prescan, prescan
 from stages.write_shards import commit_part, load_part
@@ -70,6 +72,7 @@ RUNTIME_KEYS = {
     "text_batch_size",
     "num_encoders",
     "ray_address",
+    "verbose",
 }
 PAIR_MEMBERS = (PAIR_META_EXT, TENSORS_EXT)
 TEXT_MEMBERS = (TENSORS_EXT,)
@@ -230,29 +233,56 @@ def compare_configs(previous: dict[str, Any], current: dict[str, Any], out: str)
 # Ray
 
 
-def init_ray(address: str | None) -> bool:
+def init_ray(address: str | None, verbose: bool = False) -> bool:
     """Join `address` (or RAY_ADDRESS, as under `ray job submit`); otherwise start a private local cluster.
 
     Returns True when this process started Ray (and so shuts it down). A new local cluster gets at least 4 logical
     CPUs: on a 2-CPU machine Ray Data's Write op otherwise starves behind decode tasks. The storage settings of this
     environment (AWS_*, FSSPEC_*) go to the workers with the job, so they reach the same object store; under
-    `ray job submit` the job's own runtime environment decides instead.
+    `ray job submit` the job's own runtime environment decides instead. Unless `verbose`, Ray's INFO logging, the
+    workers' output and Ray Data's per-operator bars stay off the console (errors still raise here): the job's own
+    progress line (stages/progress.py) reports instead.
     """
     import ray
+    from ray.data import DataContext
 
+    context = DataContext.get_current()
+    context.enable_progress_bars = context.print_on_execution_start = verbose
+    context.enable_auto_log_stats = verbose
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    # its one warning says that the bars are off, which is what quiet asks for
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if verbose else logging.ERROR)
     if ray.is_initialized():
         return False
+    quiet = {} if verbose else {"logging_level": logging.WARNING, "log_to_driver": False}
     source = "--ray-address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     env = storage.storage_env()
     runtime_env = {"env_vars": env} if env and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ else None
     if address:
         probe_address(address, source)
-        init_with_deadline(source, address=address, runtime_env=runtime_env)
+        init_with_deadline(source, address=address, runtime_env=runtime_env, **quiet)
     else:
         start_reaper()  # stops this local cluster's processes however the driver dies, SIGKILL included
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=runtime_env)
+        ray.init(
+            num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=runtime_env, **quiet
+        )
     return True
+
+
+def start_progress(out: str, plan: list[tuple[int, list[str]]], scan: Prescan, counter: Any) -> RowProgress:
+    """The job's progress line: rows of chunks published earlier count as done; for the others, the rows the
+    prescan lets through (decode drops make the real count a little lower, and the final line exact)."""
+    published = expected = 0
+    for k, files in plan:
+        part = load_part(storage.join(out, "pairs", f"chunk_{k:05d}"))
+        if part is not None:
+            published += part["num_samples"]
+        else:
+            expected += sum(scan.per_file[f].rows for f in files) - sum(scan.dropped(files).values())
+    progress = RowProgress(published + expected, done=published)
+    progress.watch(counter)
+    return progress
 
 
 def encoder_pool(num_encoders: int) -> dict[str, Any]:
@@ -313,7 +343,7 @@ def encode_text(config: EncodeConfig, out: str, captions: set[str]) -> None:
 
 
 def encode_chunk(
-    config: EncodeConfig, out: str, k: int, fmt: PairFormat, files: list[str], scan: Prescan
+    config: EncodeConfig, out: str, k: int, fmt: PairFormat, files: list[str], scan: Prescan, counter: Any
 ) -> dict[str, Any]:
     """One Ray Data job over `files` → OUT/pairs/chunk_K, resumable row by row through CheckpointConfig."""
     from ray.data import DataContext
@@ -373,6 +403,7 @@ def encode_chunk(
             },
             **encoder_pool(config.num_encoders),
         )
+        .map_batches(count_rows, batch_size=None, fn_kwargs={"counter": counter})
         .map_batches(to_pair_samples, batch_size=config.shard_size)
         .repartition(target_num_rows_per_block=config.shard_size, strict=True)
         .write_datasink(
@@ -566,36 +597,41 @@ def run(config: EncodeConfig) -> Report | None:
             f"captions, {len(todo)} of {len(plan)} chunks to encode → {out}",
             flush=True,
         )
-        started_ray = init_ray(config.ray_address)
+        started_ray = init_ray(config.ray_address, config.verbose)
+        progress = None
         try:
+            import ray
+
             storage.write_json(marker, output_config(config))
             work = replace(config, model=model_dir)
             encode_text(work, out, scan.captions)
             done, encoded_rows = [], 0
+            counter = ray.remote(num_cpus=0)(RowCounter).remote()
+            progress = start_progress(out, plan, scan, counter)
             for k, chunk_files in plan:
                 name = f"chunk_{k:05d}"
                 part = load_part(storage.join(out, "pairs", name))
                 if part is None:
                     tc = time.perf_counter()
-                    part = encode_chunk(work, out, k, fmt, chunk_files, scan)
+                    part = encode_chunk(work, out, k, fmt, chunk_files, scan, counter)
                     encoded_rows += part["num_samples"]
-                    print(
+                    progress.print(
                         f"encode: chunk {k}: {part['num_samples']} pairs in {len(part['shards'])} tars, dropped "
-                        f"{part['dropped']} ({time.perf_counter() - tc:.1f}s)",
-                        flush=True,
+                        f"{part['dropped']} ({time.perf_counter() - tc:.1f}s)"
                     )
                 else:
-                    print(f"encode: chunk {k} already published, skipped", flush=True)
+                    progress.print(f"encode: chunk {k} already published, skipped")
                 for leftover in (f"_checkpoints/{name}", f"_checkpoints/{name}.json", f"_drops/{name}"):
                     storage.remove(
                         storage.join(out, leftover)
                     )  # a kill between commit and clean-up leaves them
                 done.append({**part, "dir": name})
+            progress.finish(counter)
             manifest = write_manifest(config, model_dir, out, done)
         finally:
+            if progress is not None:
+                progress.stop()
             if started_ray:
-                import ray
-
                 ray.shutdown()
     return write_report(config, out, manifest, done, encoded_rows, time.perf_counter() - t0)
 
