@@ -429,6 +429,8 @@ def test_ray_job_submit_on_two_nodes(
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "succeeded" in r.stdout
-    rows = Report.load(out).rows_written  # the job's log (what `ray job logs` shows) has the final progress line
+    rows = Report.load(
+        out
+    ).rows_written  # the job's log (what `ray job logs` shows) has the final progress line
     assert f"encode: {rows:,}/{rows:,} rows (100.0%)" in r.stdout, r.stdout[-3000:]
     check_contract(out, rows_of(synthetic_parquet / "validation"), "sd15", "moments", True)
