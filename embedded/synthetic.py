@@ -6,11 +6,12 @@ The preference rule (coarse on purpose, so it survives a 64x64 resize and a rand
   * every caption names one of `COLOURS` and one of `OBJECTS` ("a small red cube, studio lighting");
   * every image is a flat neutral-grey background with one large object (35-60% of the image) in one palette colour,
     and sometimes a small distractor object in another palette colour;
-  * the preferred image's object has the caption's colour; the other image's object has a different palette colour
-    and is washed out (blended halfway towards the background): off-prompt and dull, as real losers often are both.
-    (With only half the losers washed out, the tiny pretrained reference, which barely uses its caption, left
-    held-out DPO accuracy near 0.55; the caption-independent half of the rule is what a tiny model picks up first);
-  * ties (label_0 = label_1 = 0.5, ~11% of rows) are pairs where both images have the caption's colour.
+  * the preferred image's object has the caption's colour at full strength; the other image has one `DEFECTS`
+    entry, in equal shares: "colour" (a different palette colour: off-prompt, learnable only through the caption),
+    "contrast" (the caption's colour washed out, blended halfway towards the background: dull, whatever the
+    caption) or "both". Each split's `loser_defects.json` maps ranking_id to its loser's defect, so an evaluation
+    can report what was learned per defect (it is not a Pick-a-Pic column, and encode reads only *.parquet);
+  * ties (label_0 = label_1 = 0.5, ~11% of rows) are pairs where both images are flawless.
 Pick-a-Pic's collection flow is kept: a session is several rows with one caption by one user; the preferred image
 stays and a new challenger replaces the other one, so the winning uid (and its exact JPEG bytes) recurs in
 consecutive rows. Captions come from a small pool, so they also recur across sessions and users. Image sizes are
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import random
 import shutil
 import sys
@@ -75,7 +77,8 @@ MODELS = (
 )
 TIE_FRACTION = 0.11
 JPEG_QUALITY = 85
-WASHED_OUT_LOSERS = 1.0  # fraction of off-colour images that are also washed out
+DEFECTS = ("colour", "contrast", "both")  # what makes the non-preferred image worse, drawn uniformly
+DEFECTS_FILE = "loser_defects.json"
 EPOCH = datetime(2023, 4, 1)
 
 SCHEMA = pa.schema(
@@ -175,39 +178,43 @@ def _caption_pool(rng: random.Random, rows: int) -> list[tuple[str, str, str]]:
     ]
 
 
-def generate_rows(rng: random.Random, rows: int, first_ranking_id: int, start: datetime) -> list[dict]:
-    """Rows of one split, session by session, following the Pick-a-Pic flow described in the module docstring."""
+def _render_with_defect(
+    rng: random.Random, obj: str, caption_colour: str, defect: str | None
+) -> SyntheticImage:
+    """A flawless image (defect None) or one with a `DEFECTS` entry."""
+    off_colour = defect in ("colour", "both")
+    colour = rng.choice([c for c in COLOURS if c != caption_colour]) if off_colour else caption_colour
+    return render_image(rng, obj, colour, caption_colour, washed_out=defect in ("contrast", "both"))
+
+
+def generate_rows(
+    rng: random.Random, rows: int, first_ranking_id: int, start: datetime
+) -> tuple[list[dict], dict[int, str]]:
+    """Rows of one split, session by session, following the Pick-a-Pic flow described in the module docstring,
+    and each decided row's loser defect by ranking_id."""
     pool = _caption_pool(rng, rows)
     users = [rng.randint(10_000, 999_999) for _ in range(max(2, rows // 40))]
     out: list[dict] = []
+    defects: dict[int, str] = {}
     clock = start
     while len(out) < rows:
         caption, colour, obj = rng.choice(pool)
         user = rng.choice(users)
-        kept_matches = rng.random() < 0.5
-        kept_colour = colour if kept_matches else rng.choice([c for c in COLOURS if c != colour])
-        kept = render_image(
-            rng, obj, kept_colour, colour, washed_out=not kept_matches and rng.random() < WASHED_OUT_LOSERS
-        )
+        kept_defect = None if rng.random() < 0.5 else rng.choice(DEFECTS)
+        kept = _render_with_defect(rng, obj, colour, kept_defect)
         for _ in range(min(rng.randint(2, 8), rows - len(out))):
-            tie = (
-                kept_matches and rng.random() < TIE_FRACTION / 0.9
-            )  # ~9/10 of rows have a matching kept image
-            challenger_matches = tie or not kept_matches
-            challenger_colour = (
-                colour if challenger_matches else rng.choice([c for c in COLOURS if c != colour])
-            )
-            challenger = render_image(
-                rng,
-                obj,
-                challenger_colour,
-                colour,
-                washed_out=not challenger_matches and rng.random() < WASHED_OUT_LOSERS,
-            )
-            preferred, other = (challenger, kept) if challenger_matches and not tie else (kept, challenger)
+            # ~9/10 of rows have a flawless kept image, and a tie needs two
+            tie = kept_defect is None and rng.random() < TIE_FRACTION / 0.9
+            challenger_defect = None if tie or kept_defect else rng.choice(DEFECTS)
+            challenger = _render_with_defect(rng, obj, colour, challenger_defect)
+            challenger_wins = challenger_defect is None and not tie
+            preferred, other = (challenger, kept) if challenger_wins else (kept, challenger)
             first, second = (preferred, other) if rng.random() < 0.5 else (other, preferred)
             label_0 = 0.5 if tie else float(first is preferred)
             clock += timedelta(seconds=rng.randint(3, 60))
+            ranking_id = first_ranking_id + len(out)
+            if not tie:
+                defects[ranking_id] = kept_defect if challenger_wins else challenger_defect
             out.append(
                 {
                     "are_different": True,
@@ -225,22 +232,22 @@ def generate_rows(rng: random.Random, rows: int, first_ranking_id: int, start: d
                     "label_1": 1.0 - label_0,
                     "model_0": first.model,
                     "model_1": second.model,
-                    "ranking_id": first_ranking_id + len(out),
+                    "ranking_id": ranking_id,
                     "user_id": user,
                     "num_example_per_prompt": 0,  # filled in below, once all rows of the split exist
                     "__index_level_0__": len(out),
                 }
             )
-            kept, kept_matches = preferred, kept_matches or challenger_matches
+            kept, kept_defect = preferred, None
     counts: dict[str, int] = {}
     for row in out:
         counts[row["caption"]] = counts.get(row["caption"], 0) + 1
     for row in out:
         row["num_example_per_prompt"] = counts[row["caption"]]
-    return out
+    return out, defects
 
 
-def _write_split(rows: list[dict], split_dir: Path, rows_per_file: int) -> int:
+def _write_split(rows: list[dict], defects: dict[int, str], split_dir: Path, rows_per_file: int) -> int:
     """Write `split_dir` aside and publish it with one rename; returns the number of files."""
     tmp = split_dir.with_name(f".{split_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left over from a killed run
@@ -250,6 +257,7 @@ def _write_split(rows: list[dict], split_dir: Path, rows_per_file: int) -> int:
         chunk = rows[i * rows_per_file : (i + 1) * rows_per_file]
         table = pa.Table.from_pylist(chunk, schema=SCHEMA)
         pq.write_table(table, tmp / f"{split_dir.name}-{i:05d}-of-{n_files:05d}.parquet")
+    (tmp / DEFECTS_FILE).write_text(json.dumps({str(k): v for k, v in defects.items()}, indent=0))
     publish_dir(tmp, split_dir)
     return n_files
 
@@ -268,14 +276,15 @@ def write_synthetic_dataset(
     summary: dict = {"out": str(out), "seed": seed}
     first_id = 1_000_000 + 10_000_000 * (seed % 100)
     for split, n in (("train", rows), ("validation", val_rows)):
-        split_rows = generate_rows(rng, n, first_id, start) if n else []
+        split_rows, defects = generate_rows(rng, n, first_id, start) if n else ([], {})
         first_id += n
-        files = _write_split(split_rows, out / split, rows_per_file)
+        files = _write_split(split_rows, defects, out / split, rows_per_file)
         summary[split] = {
             "rows": n,
             "files": files,
             "ties": sum(r["label_0"] == 0.5 for r in split_rows),
             "captions": len({r["caption"] for r in split_rows}),
+            "defects": {d: sum(v == d for v in defects.values()) for d in DEFECTS},
         }
         start = split_rows[-1]["created_at"] if split_rows else start
     return summary

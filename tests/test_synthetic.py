@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from embedded.synthetic import COLOURS, main, write_synthetic_dataset
+from embedded.synthetic import COLOURS, DEFECTS, DEFECTS_FILE, main, write_synthetic_dataset
 
 # Pick-a-Pic v2 dataset card (peers.md §1.1), in the card's column order.
 PICKAPIC_V2_COLUMNS = {
@@ -157,8 +158,22 @@ def _is_washed_out(jpeg: bytes) -> bool:
     return bool(unwashed.min() < 40 and np.linalg.norm(palette[unwashed.argmin()] - centre) > 40)
 
 
-def test_preferred_image_is_dominated_by_the_caption_colour(big: Path) -> None:
+def _unwashed_colour(jpeg: bytes) -> str:
+    """The palette colour that the washed-out centre object was blended from."""
+    img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    pixels = np.asarray(img.resize((img.width // 8, img.height // 8)), dtype=np.float32)
+    h, w = pixels.shape[:2]
+    centre = np.median(pixels[h // 2 - 2 : h // 2 + 3, w // 2 - 2 : w // 2 + 3].reshape(-1, 3), axis=0)
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)
+    return list(COLOURS)[int(np.linalg.norm(palette - (2 * centre - pixels[1, 1]), axis=-1).argmin())]
+
+
+def test_preferred_image_has_the_caption_colour_and_the_loser_its_recorded_defect(big: Path) -> None:
     rows = _rows(big / "validation")
+    defects = {int(k): v for k, v in json.loads((big / "validation" / DEFECTS_FILE).read_text()).items()}
+    assert set(defects) == {r["ranking_id"] for r in rows if r["label_0"] != 0.5}
+    shares = Counter(defects.values())
+    assert set(shares) == set(DEFECTS) and min(shares.values()) > len(defects) / 5, shares
     for r in rows:
         colour = next(c for c in COLOURS if c in r["caption"].split())
         a, b = _colour_shares(r["jpg_0"]), _colour_shares(r["jpg_1"])
@@ -168,8 +183,16 @@ def test_preferred_image_is_dominated_by_the_caption_colour(big: Path) -> None:
         win, lose = (a, b) if r["label_0"] == 1.0 else (b, a)
         win_jpeg, lose_jpeg = (r["jpg_0"], r["jpg_1"]) if r["label_0"] == 1.0 else (r["jpg_1"], r["jpg_0"])
         assert max(win, key=win.get) == colour and win[colour] > 0.2, r["ranking_id"]
-        assert lose[colour] < 0.02, r["ranking_id"]
-        assert _is_washed_out(lose_jpeg) and not _is_washed_out(win_jpeg), r["ranking_id"]
+        assert not _is_washed_out(win_jpeg), r["ranking_id"]
+        defect = defects[r["ranking_id"]]
+        assert _is_washed_out(lose_jpeg) == (defect != "colour"), (r["ranking_id"], defect)
+        if defect == "colour":
+            assert max(lose, key=lose.get) != colour and lose[colour] < 0.02, r["ranking_id"]
+        else:
+            assert (_unwashed_colour(lose_jpeg) == colour) == (defect == "contrast"), (
+                r["ranking_id"],
+                defect,
+            )
 
 
 def test_cli_writes_both_splits_and_rejects_bad_arguments(
