@@ -19,10 +19,11 @@ NPROC ?= 1
 
 DEMO_ROWS ?= 3000
 DEMO_VAL_ROWS ?= 400
+PRETRAIN_ROWS ?= 3000
 export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models data encode train demo test lint bench bench-losses bench-gpu clean
+.PHONY: setup models data encode train demo robustness test lint bench bench-losses bench-gpu clean
 # The stamps and manifests of the chained rules below are real outputs, not intermediates make may delete.
 .SECONDARY:
 
@@ -40,11 +41,16 @@ data/synthetic/.done: $(STAMP) embedded/synthetic.py
 	$(PY) -m embedded.synthetic --out data/synthetic --seed 0 --rows $(DEMO_ROWS) --val-rows $(DEMO_VAL_ROWS) \
 	  --rows-per-file 500
 	touch $@
+# The base models' own pretraining data: another synthetic set (seed 1000, never a preference set of the demo or of
+# the README's robustness table), of which pretraining uses the preferred images with their captions.
+data/pretrain/.done: $(STAMP) embedded/synthetic.py
+	$(PY) -m embedded.synthetic --out data/pretrain --seed 1000 --rows $(PRETRAIN_ROWS) --val-rows 0 --rows-per-file 500
+	touch $@
 
-# Tiny random-init SD1.5/SDXL folders in diffusers layout (models/.init/), whose UNets are then briefly pretrained
-# (plain denoising on the synthetic images) so that the DPO reference already denoises the data, as a real base
-# model does. models/tiny-X = the init folder with the pretrained UNet, published by rename; reruns start again
-# from the same random init, so the result depends only on the seeds and configs.
+# Tiny random-init SD1.5/SDXL folders in diffusers layout (models/.init/), whose UNets are then pretrained on
+# captioned images (configs/pretrain.toml) so that the DPO reference already denoises the data and reads its
+# caption, as a real base model does. models/tiny-X = the init folder with the pretrained UNet, published by rename;
+# reruns start again from the same random init, so the result depends only on the seeds and configs.
 models: models/tiny-sd15/.pretrained models/tiny-sdxl/.pretrained
 models/.init/%/.built: $(STAMP) embedded/tiny_models.py
 	$(PY) -m embedded.tiny_models --out models/.init --family $(subst tiny-,,$*)
@@ -52,12 +58,15 @@ models/.init/%/.built: $(STAMP) embedded/tiny_models.py
 data/encoded/%/train/manifest.json: models/.init/%/.built data/synthetic/.done
 	$(PY) -m stages.encode --src data/synthetic/train --out data/encoded/$*/train --model models/.init/$* \
 	  --resolution 64
+data/encoded/%/pretrain/manifest.json: models/.init/%/.built data/pretrain/.done
+	$(PY) -m stages.encode --src data/pretrain/train --out data/encoded/$*/pretrain --model models/.init/$* \
+	  --resolution 64
 data/encoded/%/validation/manifest.json: models/.init/%/.built data/synthetic/.done
 	$(PY) -m stages.encode --src data/synthetic/validation --out data/encoded/$*/validation --model models/.init/$* \
 	  --resolution 64
-models/%/.pretrained: data/encoded/%/train/manifest.json configs/pretrain.toml
+models/%/.pretrained: data/encoded/%/pretrain/manifest.json configs/pretrain.toml
 	rm -rf runs/pretrain-$*
-	$(PY) -m trainer.train --config configs/pretrain.toml --data data/encoded/$*/train --model models/.init/$* \
+	$(PY) -m trainer.train --config configs/pretrain.toml --data data/encoded/$*/pretrain --model models/.init/$* \
 	  --output-dir runs/pretrain-$*
 	rm -rf models/$*.tmp && cp -r models/.init/$* models/$*.tmp && rm -rf models/$*.tmp/unet
 	cp -r runs/pretrain-$*/final/unet models/$*.tmp/unet && touch models/$*.tmp/.pretrained
@@ -71,10 +80,16 @@ train: $(STAMP)
 	  --data $(DATA) --model $(MODEL) --output-dir $(OUTPUT_DIR) $(if $(VAL_DATA),--val-data $(VAL_DATA)) $(TRAIN_ARGS)
 
 # Synthetic data → encode (train + validation) → DPO with configs/demo.toml → held-out accuracy, before and after.
-demo: models/tiny-sd15/.pretrained data/encoded/tiny-sd15/validation/manifest.json
+demo: models/tiny-sd15/.pretrained data/encoded/tiny-sd15/train/manifest.json \
+  data/encoded/tiny-sd15/validation/manifest.json
 	$(PY) -m trainer.demo --config configs/demo.toml --data data/encoded/tiny-sd15/train \
-	  --val-data data/encoded/tiny-sd15/validation --model models/tiny-sd15 --output-dir runs/demo \
-	  --overwrite-output-dir
+	  --val-data data/encoded/tiny-sd15/validation --defects data/synthetic/validation/loser_defects.json \
+	  --model models/tiny-sd15 --output-dir runs/demo --overwrite-output-dir
+
+# The README's robustness table: the demo config on 5 preference-set seeds it was not tuned on x 2 training-set sizes,
+# against the one pretrained reference (resumable: finished runs are kept in build/robustness/results.jsonl).
+robustness: models/tiny-sd15/.pretrained
+	$(PY) -m bench.robustness --work build/robustness --out build/robustness/table.md
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -39,3 +39,22 @@ def test_tiny_run_writes_every_table(tmp_path: Path) -> None:
         len(rows) == 4 + 1 + 4 + 2
     )  # step variants + overhead, on-the-fly, optimizer × checkpointing, fp16/bf16
     assert not any("failed" in row or "error" in row.lower() for row in rows)
+
+
+def test_robustness_table_has_mean_spread_minimum_and_names_the_runs_below_goal() -> None:
+    import statistics
+
+    from bench.robustness import markdown
+
+    accs = {(11, 2000): 0.80, (12, 2000): 0.74, (11, 3000): 0.82, (12, 3000): 0.78}
+    defects = {"colour": 0.7, "contrast": 0.8, "both": 0.9}
+    table = markdown(
+        [{"seed": s, "rows": r, "accuracy": a, "accuracy_by_defect": defects} for (s, r), a in accs.items()],
+        goal=0.75,
+    )
+    row_2000 = next(line for line in table.splitlines() if line.startswith("| 2,000"))
+    cells = [c.strip() for c in row_2000.strip("|").split("|")]
+    assert cells[1:3] == ["0.800", "0.740"] and cells[3] == "0.770"
+    assert cells[4] == f"{statistics.stdev([0.80, 0.74]):.3f}" and cells[5] == "0.740"
+    assert cells[6:] == ["0.700", "0.800", "0.900"]
+    assert "3 of 4 runs reach 0.75: seed 12 × 2000 rows: 0.740" in table
