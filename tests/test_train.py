@@ -293,6 +293,7 @@ def test_demo_reports_both_accuracies(
     out = capsys.readouterr().out.strip().splitlines()
     result = json.loads(out[-1])
     assert result["reference"]["implicit_accuracy"] == 0.5
+    assert not [line for line in out if line.startswith("eval ")]  # no repeat of the demo's own evaluation
     assert result["passed"] is (code == 0) and result["policy"]["num_pairs"] == 8
     assert result["policy"]["pairs_by_group"] == {"both": 2, "colour": 3, "contrast": 3}
     assert next(line for line in out if line.startswith("learned:")).count("where the loser is off in") == 3

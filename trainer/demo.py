@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from schemas.atomic import read_json
@@ -93,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"reference implicit accuracy on {before['num_pairs']} held-out pairs: {before['implicit_accuracy']:.3f}"
     )
-    if code := train.main(rest):
+    # the trainer's own held-out evaluations would repeat the one below (which also splits by defect): left out
+    try:
+        code = train.train(replace(cfg, val_data=None))
+    except InputError as e:
+        print(f"error: {train.input_error_message(e)}", file=sys.stderr)
+        return train.EXIT_INPUT
+    if code:
         return code
     after = held_out_accuracy(cfg, str(Path(cfg.output_dir) / "final" / "unet"), groups)
     ok = after["implicit_accuracy"] >= args.min_accuracy
