@@ -131,15 +131,44 @@ def markdown(results: list[dict], goal: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13, 14, 15])
-    parser.add_argument("--rows", type=int, nargs="+", default=[2000, 3000])
-    parser.add_argument("--work", type=Path, default=REPO / "build" / "robustness")
-    parser.add_argument("--model", type=Path, default=REPO / "models" / "tiny-sd15")
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.toml")
-    parser.add_argument("--goal", type=float, default=0.75)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[11, 12, 13, 14, 15],
+        help="preference-set seeds (none tuned on)",
+    )
+    parser.add_argument(
+        "--rows",
+        type=int,
+        nargs="+",
+        default=[2000, 3000],
+        help=f"training-set sizes, multiples of {ROWS_PER_FILE}",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=REPO / "build" / "robustness",
+        help="data, encodes, runs and results.jsonl",
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=REPO / "models" / "tiny-sd15",
+        help="the pretrained reference (make models)",
+    )
+    parser.add_argument(
+        "--config", type=Path, default=REPO / "configs" / "demo.toml", help="trainer config of every run"
+    )
+    parser.add_argument("--goal", type=float, default=0.75, help="held-out accuracy each run should reach")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = arguments()
     args = parser.parse_args(argv)
     if any(r % ROWS_PER_FILE or r > max(args.rows) for r in args.rows):
         print(f"error: --rows must be multiples of {ROWS_PER_FILE}", file=sys.stderr)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import decode_resize, gpu, losses, run, s3_stream
+from bench import decode_resize, gpu, losses, robustness, run, s3_stream
 from embedded import synthetic, tiny_models
 from schemas.config import EncodeConfig, TrainConfig, build_parser, parse_config
 from schemas.errors import InputError
@@ -28,6 +28,7 @@ PARSERS = {
     "bench.s3_stream": s3_stream.arguments,
     "bench.decode_resize": decode_resize.arguments,
     "bench.losses": losses.arguments,
+    "bench.robustness": robustness.arguments,
 }
 REQUIRED = {
     "stages.encode": {"--src", "--out", "--model"},
