@@ -413,7 +413,7 @@ def test_resume_applies_what_may_change_and_refuses_what_would_corrupt(
     other_data = write_latent_dataset(tmp_path / "other", num_pairs=24)
     for extra, named in [
         (("--loss", "sft"), "loss: checkpoint 'dpo', now 'sft'"),
-        (("--beta", "1000"), "beta: checkpoint None, now 1000.0"),
+        (("--beta", "1000"), "beta: checkpoint 5000.0, now 1000.0"),  # unset = the published 5000
         (("--seed", "3"), "seed: checkpoint 0, now 3"),
         (("--lora-rank", "4"), "lora_rank: checkpoint 0, now 4"),
     ]:
@@ -421,6 +421,10 @@ def test_resume_applies_what_may_change_and_refuses_what_would_corrupt(
         assert named in capsys.readouterr().err, extra
     run_train(other_data, tiny_sd15, out, *more, code=2)
     assert f"data: {other_data} is not the data the run trained on" in capsys.readouterr().err
+    run_train(
+        latent_sd15, tiny_sd15, out, *more, "--beta", "5000"
+    )  # the default, given explicitly: no change
+    assert "beta" not in capsys.readouterr().out
 
 
 def test_a_damaged_sample_stops_training_naming_shard_and_key(

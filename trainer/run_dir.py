@@ -27,6 +27,7 @@ from schemas.config import TrainConfig
 from schemas.errors import InputError
 from schemas.manifest import Manifest
 from trainer.checkpoint import CHECKPOINTS, list_checkpoints
+from trainer.losses import default_beta
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -157,12 +158,19 @@ def choose_start(cfg: TrainConfig) -> tuple[Path | None, str]:
     return path, theirs or uuid.uuid4().hex[:12]
 
 
+def with_resolved_beta(config: dict[str, Any], family: str) -> dict[str, Any]:
+    """β unset means the loss's published value, so giving that value explicitly on resume is no change."""
+    if config.get("beta") is None and "loss" in config:
+        return {**config, "beta": default_beta(config["loss"], family)}
+    return config
+
+
 def check_resume_config(
     path: Path, saved: dict[str, Any], cfg: TrainConfig, data: dict[str, Any]
 ) -> list[str]:
     """Refuse changes that would corrupt the run; return the allowed ones as lines to print."""
-    old = saved.get("config", {})
-    new = asdict(cfg)
+    old = with_resolved_beta(saved.get("config", {}), data["model_family"])
+    new = with_resolved_beta(asdict(cfg), data["model_family"])
     refused = []
     changed = []
     for key, value in new.items():
