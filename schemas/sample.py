@@ -75,8 +75,19 @@ def latent_tensor_names(latent_mode: str, flip: bool) -> list[str]:
 
 
 def model_family(model: str | Path) -> str:
-    """ "sdxl" for a diffusers folder with a second text encoder, else "sd15": the only difference the cache has."""
-    return "sdxl" if (Path(model) / "text_encoder_2").is_dir() else "sd15"
+    """ "sdxl" or "sd15": the one family test of the encode (which text encoders to run) and the trainer (which
+    data fits its UNet). SDXL is the pipeline with a second text encoder, whose UNet takes the pooled text and time
+    ids (addition_embed_type "text_time"); a local folder counts as SDXL by either sign, so a folder holding only
+    the UNet is recognised too. A hub id is read from its model_index.json (the Hugging Face cache, or fetched)."""
+    folder = Path(model)
+    if folder.is_dir():
+        unet_config = folder / "unet" / "config.json"
+        text_time = unet_config.is_file() and json.loads(unet_config.read_text()).get("addition_embed_type")
+        return "sdxl" if (folder / "text_encoder_2").is_dir() or text_time == "text_time" else "sd15"
+    from huggingface_hub import hf_hub_download
+
+    index = json.loads(Path(hf_hub_download(str(model), "model_index.json")).read_text())
+    return "sdxl" if "text_encoder_2" in index else "sd15"
 
 
 @dataclass(frozen=True)

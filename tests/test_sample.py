@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -69,3 +70,5 @@ def test_tensor_names_and_model_family(tmp_path: Path, tiny_sd15: Path, tiny_sdx
     assert latent_tensor_names("mean", True) == ["w_mean", "l_mean", "w_mean_flip", "l_mean_flip"]
     assert model_family(tiny_sd15) == "sd15" and model_family(tiny_sdxl) == "sdxl"
     assert model_family(tmp_path) == "sd15"
+    shutil.copytree(tiny_sdxl / "unet", tmp_path / "unet_only" / "unet")  # the trainer needs only the UNet
+    assert model_family(tmp_path / "unet_only") == "sdxl"

@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from schemas.config import SDXL_TIME_IDS
 from schemas.errors import InputError
 from schemas.manifest import Manifest
+from schemas.sample import model_family
 from schemas.seeds import seed_of
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -233,11 +234,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
     }
 
 
-def unet_family(unet_config: dict) -> str:
-    """SDXL's UNet is the one conditioned on pooled text and time ids (addition_embed_type "text_time")."""
-    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd15"
-
-
 def check_data_fits_model(data_dir: str, flag: str, model: str) -> Manifest:
     """The manifest of `data_dir`, refused (InputError naming the flag) when it is missing or was encoded for
     another model family or shape than `model`'s UNet: checked before any work, not as a shape error in step 1."""
@@ -246,7 +242,7 @@ def check_data_fits_model(data_dir: str, flag: str, model: str) -> Manifest:
     except (FileNotFoundError, ValueError) as e:
         raise InputError(f"{flag} {data_dir}: {e}") from None
     config = UNet2DConditionModel.load_config(model, subfolder="unet")
-    family = unet_family(config)
+    family = model_family(model)
     problems = []
     if manifest.model_family != family:
         problems.append(f"it was encoded for {manifest.model_family}, --model {model} is {family}")

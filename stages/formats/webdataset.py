@@ -9,14 +9,12 @@ an id gets `stable_id(shard relative to --src, key)`. Shards are streamed front 
 from __future__ import annotations
 
 import json
-import tarfile
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-import fsspec
 import pyarrow as pa
-from webdataset.tariterators import base_plus_ext
 
+from schemas.sample import read_tar
 from stages.formats import ROWS_PER_BLOCK, PairFormat, canonical_table
 from stages.read_pairs import InputError
 
@@ -42,42 +40,30 @@ class WebDatasetFormat(PairFormat):
     def _samples(
         self, path: str, read_images: bool
     ) -> Iterator[tuple[str, dict[str, Any], list[bytes | None]]]:
-        """(key, parsed json, [image_0, image_1] or [None, None]) per sample, in file order, checking each sample
-        holds every member; errors name the shard, the key and the member or JSON key."""
+        """(key, parsed json, [image_0, image_1] or [None, None]) per sample, in file order, through schemas'
+        tar reader (WebDataset's key rule, a member twice is an error), checking each sample holds every member;
+        errors name the shard, the key and the member or JSON key. Samples with none of the members are skipped."""
         wanted = {META_EXT, *self.image_exts}
-        current: str | None = None
-        members: dict[str, bytes | None] = {}
-
-        def finish() -> tuple[str, dict[str, Any], list[bytes | None]]:
-            missing = sorted(wanted - members.keys())
-            if missing:
-                raise InputError(f"{path}: sample {current!r} lacks member(s) {['.' + m for m in missing]}")
-            try:
-                meta = json.loads(members[META_EXT])
-            except (ValueError, TypeError) as e:
-                raise InputError(f"{path}: sample {current!r}: {META_EXT} member is not JSON ({e})") from e
-            if not isinstance(meta, dict):
-                raise InputError(f"{path}: sample {current!r}: {META_EXT} member is not a JSON object")
-            return current, meta, [members[e] for e in self.image_exts]
-
         try:
-            with fsspec.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-                for info in tar:
-                    if not info.isreg():
-                        continue
-                    key, ext = base_plus_ext(info.name)
-                    if key is None or ext not in wanted:
-                        continue
-                    if key != current:
-                        if current is not None:
-                            yield finish()
-                        current, members = key, {}
-                    read = ext == META_EXT or read_images
-                    members[ext] = tar.extractfile(info).read() if read else None
-                if current is not None:
-                    yield finish()
-        except (tarfile.TarError, OSError) as e:
-            raise InputError(f"{path}: unreadable tar ({type(e).__name__}: {e})") from e
+            for sample in read_tar(path, read=wanted if read_images else (META_EXT,)):
+                if not wanted & sample.spans.keys():
+                    continue
+                missing = sorted(wanted - sample.spans.keys())
+                if missing:
+                    raise InputError(
+                        f"{path}: sample {sample.key!r} lacks member(s) {['.' + m for m in missing]}"
+                    )
+                try:
+                    meta = json.loads(sample.data[META_EXT])
+                except ValueError as e:
+                    raise InputError(
+                        f"{path}: sample {sample.key!r}: {META_EXT} member is not JSON ({e})"
+                    ) from e
+                if not isinstance(meta, dict):
+                    raise InputError(f"{path}: sample {sample.key!r}: {META_EXT} member is not a JSON object")
+                yield sample.key, meta, [sample.data.get(e) for e in self.image_exts]
+        except ValueError as e:  # read_tar: unreadable or truncated tar, or a member twice, naming the tar
+            raise InputError(str(e)) from e
 
     def _fields(self, path: str, key: str, meta: dict[str, Any]) -> tuple[int, str | None, float | None]:
         """(ranking_id, caption, label_0) of one sample; a missing JSON key is an error naming it."""
