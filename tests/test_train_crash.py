@@ -1,9 +1,10 @@
-"""The real CLI killed with SIGKILL during training and during a checkpoint save, then resumed: the final weights
-are bit-identical to an uninterrupted run, and torchrun with 2 CPU processes resumes the same way."""
+"""The real CLI killed with SIGKILL during training, and failing half-way through a checkpoint write, then resumed:
+the final weights are bit-identical to an uninterrupted run, and torchrun with 2 CPU processes resumes the same way."""
 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from schemas.atomic import read_json
-from trainer.checkpoint import SAVE_DELAY_ENV
+from tests.test_train import FAST
 from trainer.data import LatentPairStream
 
 pytestmark = pytest.mark.slow
@@ -25,7 +26,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WDS_SECURE": "1", "PYTHONPATH": st
 
 
 def _args(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
-    """6 steps of batch 2 with a loader worker and a checkpoint every 2 steps; later flags override."""
+    """6 steps of batch 2 (test_train's fast settings) with a checkpoint every 2 steps; later flags override."""
     return [
         "-m",
         "trainer.train",
@@ -35,36 +36,26 @@ def _args(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
         str(model),
         "--output-dir",
         str(out),
+        *FAST,
         "--max-steps",
         "6",
         "--batch-size",
         "2",
-        "--num-workers",
-        "1",
         "--checkpoint-every",
         "2",
-        "--learning-rate",
-        "1e-3",
-        "--no-scale-lr",
-        "--lr-warmup-steps",
-        "0",
-        "--report-to",
-        "none",
         *extra,
     ]
 
 
-def _run(args: list[str], env: dict[str, str] | None = None) -> None:
-    proc = subprocess.run(
-        [sys.executable, *args], env=env or ENV, capture_output=True, text=True, timeout=300
-    )
+def _run(args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def _kill_when(args: list[str], ready: Path, env: dict[str, str] | None = None) -> None:
+def _kill_when(args: list[str], ready: Path) -> None:
     """Start the trainer and SIGKILL it as soon as `ready` exists."""
     proc = subprocess.Popen(
-        [sys.executable, *args], env=env or ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, *args], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         while not ready.exists():
@@ -85,29 +76,37 @@ def _same(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_sigkill_during_training_and_during_save(tiny_sd15: Path, latent_sd15: Path, tmp_path: Path) -> None:
+def test_sigkill_during_training_and_torn_save(tiny_sd15: Path, latent_sd15: Path, tmp_path: Path) -> None:
     straight = tmp_path / "straight"
     _run(_args(latent_sd15, tiny_sd15, straight, "--checkpoints-total-limit", "0"))
 
-    # killed while training, right after the step-2 checkpoint was published
-    crashed = tmp_path / "crashed"  # saves take 2 s more, so the run cannot finish before the kill lands
+    # SIGKILL while training, once the step-2 checkpoint is published. --max-steps 10000 keeps the run from finishing
+    # before the kill lands; the schedule is constant (no warmup), so the resume to step 6 is the same run.
+    crashed = tmp_path / "crashed"
     _kill_when(
-        _args(latent_sd15, tiny_sd15, crashed),
+        _args(latent_sd15, tiny_sd15, crashed, "--max-steps", "10000"),
         crashed / "checkpoints" / "step_00000002" / "state.json",
-        env={**ENV, SAVE_DELAY_ENV: "2"},
     )
     _run(_args(latent_sd15, tiny_sd15, crashed, "--resume", "latest"))
     assert _same(straight, crashed)
 
-    # killed inside the step-4 save: the torn step_00000004.tmp is ignored and step 2 is used
+    # A save that dies half-way: the kernel refuses to let model.safetensors of step 4 grow past half its size
+    # (RLIMIT_FSIZE, 'File too large'), so the run stops inside save_checkpoint, leaving step_00000004.tmp
+    # unpublished; the resume ignores it.
     torn = tmp_path / "torn"
-    shutil.copytree(straight / "checkpoints" / "step_00000002", torn / "checkpoints" / "step_00000002")
-    slow_save = {**ENV, SAVE_DELAY_ENV: "60"}
-    _kill_when(
-        _args(latent_sd15, tiny_sd15, torn, "--resume", "latest"),
-        torn / "checkpoints" / "step_00000004.tmp" / "model.safetensors",
-        env=slow_save,
+    step2 = straight / "checkpoints" / "step_00000002"
+    shutil.copytree(step2, torn / "checkpoints" / "step_00000002")
+    limit = (step2 / "model.safetensors").stat().st_size // 2
+    proc = subprocess.run(
+        [sys.executable, *_args(latent_sd15, tiny_sd15, torn, "--resume", "latest")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
     )
+    assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
+    assert (torn / "checkpoints" / "step_00000004.tmp").is_dir()  # the torn save: a .tmp, never published
     assert not (torn / "checkpoints" / "step_00000004").exists()
     _run(_args(latent_sd15, tiny_sd15, torn, "--resume", "latest"))
     assert _same(straight, torn)

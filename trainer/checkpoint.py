@@ -18,7 +18,6 @@ import dataclasses
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Self
 
@@ -36,8 +35,6 @@ from trainer.model import has_lora
 CHECKPOINTS = "checkpoints"
 RUN_INFO = "run.json"  # beside final/unet: step, data summary and config of the run that exported it
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-# Test hook: seconds to sleep half-way through writing a checkpoint, so a test can SIGKILL a save in progress.
-SAVE_DELAY_ENV = "TRAINER_TEST_SAVE_DELAY_S"
 # A resume must see the same data topology, or its data position would point at different batches.
 TOPOLOGY_KEYS = ("world_size", "batch_size", "num_workers")
 
@@ -123,8 +120,6 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(trainable_state(unet), tmp / "model.safetensors")
-        if delay := float(os.environ.get(SAVE_DELAY_ENV, "0")):
-            time.sleep(delay)
         opt_tensors, opt_json = _split_optimizer_state(optimizer)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         atomic_write_json(tmp / "optimizer.json", opt_json)

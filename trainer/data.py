@@ -43,7 +43,7 @@ from schemas.sample import (
     tensor_name,
 )
 from schemas.seeds import seed_of
-from trainer.preemption import ignore_stop_signals
+from trainer.preemption import ignore_stop_signals, stop_workers_at_exit
 from trainer.text_store import TextEmbeddingStore
 
 _MEMBER_EXTS = (PAIR_META_EXT, TENSORS_EXT)
@@ -337,6 +337,8 @@ class PairCollator:
 def make_loader(stream: LatentPairStream, *, pin_memory: bool = False) -> DataLoader:
     """A plain in-order DataLoader over the stream (batches come pre-formed); keep it out of accelerator.prepare."""
     workers = stream.num_workers
+    if workers:
+        stop_workers_at_exit()
     return DataLoader(
         stream,
         batch_size=None,

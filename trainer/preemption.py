@@ -11,6 +11,8 @@ whole process group cannot take the data away from the step being finished.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 import sys
 from types import FrameType
@@ -57,3 +59,22 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`: the parent trainer decides when its workers stop (see the module docstring)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_workers_at_exit() -> None:
+    """Make sure the parent does stop them when it fails. multiprocessing's exit handler stops daemonic children
+    with SIGTERM, which the workers ignore, and then joins them; after an uncaught exception (e.g. a checkpoint
+    write failing with 'File too large') the traceback still holds the loader, which so never tells its workers
+    to stop, and the failed trainer waited for them forever. Registered after multiprocessing's own handler, this
+    one runs first (atexit is last in, first out) and SIGKILLs what is left: the workers only read data."""
+    atexit.unregister(_kill_children)
+    atexit.register(_kill_children)
+
+
+def _kill_children() -> None:
+    children = multiprocessing.active_children()
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would call the kill a worker failure
+    for child in children:
+        child.kill()
+        child.join()
