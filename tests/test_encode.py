@@ -150,6 +150,11 @@ def rows_of(src: Path) -> dict[int, dict]:
     return {r["ranking_id"]: r for f in files for r in pq.read_table(f).to_pylist()}
 
 
+def small_args(synthetic_parquet: Path, out: Path, model: Path) -> list[str]:
+    """The small encode several tests run: the synthetic validation split at the fast settings."""
+    return ["--src", str(synthetic_parquet / "validation"), "--out", str(out), "--model", str(model), *FAST]
+
+
 def messy_args(src: Path, out: Path, model: Path) -> list[str]:
     """The encode of messy_src that sd15_out publishes, in two chunks."""
     return ["--src", str(src), "--out", str(out), "--model", str(model), *FAST, "--chunk-files", "6"]
@@ -413,13 +418,7 @@ def test_ray_job_submit_on_two_nodes(
             "python",
             "-m",
             "stages.encode",
-            "--src",
-            str(synthetic_parquet / "validation"),
-            "--out",
-            str(out),
-            "--model",
-            str(tiny_sd15),
-            *FAST,
+            *small_args(synthetic_parquet, out, tiny_sd15),
         ],
         cwd=REPO,
         env=ray_cluster.env,

@@ -23,9 +23,7 @@ from stages.formats import CANONICAL_SCHEMA, get_format
 from stages.ray_driver import _proc_table, descendants
 from stages.read_pairs import prescan
 from tests.fixtures.ray_cluster import free_port
-
-REPO = Path(__file__).resolve().parents[1]
-FAST = ["--resolution", "64", "--shard-size", "16", "--num-encoders", "1", "--encode-batch-size", "16"]
+from tests.test_encode import FAST, REPO, small_args
 
 
 def cli(args: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
@@ -235,13 +233,7 @@ def test_signal_leaves_no_ray_processes(
             sys.executable,
             "-m",
             "stages.encode",
-            "--src",
-            str(synthetic_parquet / "validation"),
-            "--out",
-            str(out),
-            "--model",
-            str(tiny_sd15),
-            *FAST,
+            *small_args(synthetic_parquet, out, tiny_sd15),
         ],
         cwd=REPO,
         env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
