@@ -70,8 +70,11 @@ def one_run(seed: int, rows: int, max_rows: int, work: Path, model: Path, config
         str(run_dir),
         "--report-to",
         "none",
+        "--resume",
+        "latest",  # an interrupted batch continues the run; a finished one has nothing left to train
     ]
-    train.main(args)
+    if code := train.main(args):
+        raise SystemExit(f"error: seed {seed}, {rows} rows: the trainer exited with {code} ({run_dir})")
     cfg = parse_config(TrainConfig, args, "train")
     groups = {pair_key(int(k)): v for k, v in read_json(parquet / "validation" / DEFECTS_FILE).items()}
     models, policy = load_for_eval(str(model), str(run_dir / "final" / "unet"), None)
@@ -82,7 +85,6 @@ def one_run(seed: int, rows: int, max_rows: int, work: Path, model: Path, config
         batch_size=cfg.batch_size,
         max_pairs=cfg.eval_max_pairs,
         seed=cfg.seed,
-        beta=cfg.beta,
         draws=cfg.eval_draws,
         groups=groups,
     )
@@ -182,10 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     started_ray = encode.init_ray(None)  # one local Ray cluster for every encode of the batch
     try:
-        # sizes alternate from seed to seed, so a batch stopped early still covers both sizes
-        order = [
-            (s, r) for i, s in enumerate(args.seeds) for r in (args.rows if i % 2 == 0 else args.rows[::-1])
-        ]
+        # every seed at the first size before any at the next, so a batch stopped early still covers all seeds
+        order = [(s, r) for r in args.rows for s in args.seeds]
         for seed, rows in order:
             if any(r["seed"] == seed and r["rows"] == rows for r in done):
                 continue
