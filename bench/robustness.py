@@ -98,6 +98,10 @@ def one_run(seed: int, rows: int, max_rows: int, work: Path, model: Path, config
     }
 
 
+def finished(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
 def markdown(results: list[dict], goal: float) -> str:
     """One row per training-set size: each seed's accuracy, mean, standard deviation, minimum, per-defect means."""
     seeds = sorted({r["seed"] for r in results})
@@ -181,25 +185,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "results.jsonl"
-    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     started_ray = encode.init_ray(None)  # one local Ray cluster for every encode of the batch
     try:
         # every seed at the first size before any at the next, so a batch stopped early still covers all seeds
         order = [(s, r) for r in args.rows for s in args.seeds]
         for seed, rows in order:
-            if any(r["seed"] == seed and r["rows"] == rows for r in done):
-                continue
+            if any(r["seed"] == seed and r["rows"] == rows for r in finished(log)):
+                continue  # read before every run, so batches over disjoint seeds can share WORK
             result = one_run(seed, rows, max(args.rows), args.work, args.model, args.config)
             print(json.dumps(result), flush=True)
             with log.open("a") as f:
                 f.write(json.dumps(result) + "\n")
-            done.append(result)
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
-    wanted = [r for r in done if r["seed"] in args.seeds and r["rows"] in args.rows]
+    wanted = [r for r in finished(log) if r["seed"] in args.seeds and r["rows"] in args.rows]
     table = markdown(wanted, args.goal)
     print(table)
     if args.out:
