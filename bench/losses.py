@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         f"`python -m bench.losses --data {args.data} --val-data {args.val_data} --model {args.model} "
         f"--config {args.config}` on {time.strftime('%Y-%m-%d')}, {machine()}: {steps} steps of batch "
         f"{cfg.batch_size}, lr {cfg.learning_rate:g}, seed {cfg.seed}; held-out implicit accuracy over "
-        f"{cfg.eval_max_pairs} validation pairs × {cfg.eval_draws} draws against the base model (which scores "
+        f"the first {cfg.eval_max_pairs} validation pairs (fewer if the split has fewer) × {cfg.eval_draws} draws against the base model (which scores "
         "exactly 0.500).\n\n"
     )
     rows = []
@@ -118,12 +118,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{beta:g}" if beta else "–",
                 params or "–",
                 f"{result['eval']['implicit_accuracy']:.3f}",
+                str(result["eval"]["num_pairs"]),
                 f"{result['eval']['reward_margin']:.2e}",
                 f"{result['train']['pairs_per_s']:.0f}",
             ]
         )
         text = header + table(
-            ["loss", "β", "other parameters", "held-out accuracy", "reward margin", "train pairs/s"], rows
+            ["loss", "β", "other parameters", "held-out accuracy", "pairs", "reward margin", "train pairs/s"],
+            rows,
         )
         if args.out:  # rewritten after every loss, so a long run leaves its finished rows behind
             Path(args.out).write_text(text + "\n")
