@@ -23,7 +23,7 @@ from schemas.sample import pair_key
 from trainer import train
 from trainer.evaluate import caption_gap, evaluate, load_for_eval
 
-MIN_ACCURACY = 0.65
+MIN_ACCURACY = 0.68  # README robustness table: every measured run ≥ 0.693, about mean − 2.4σ
 
 
 def held_out_accuracy(cfg: TrainConfig, unet_dir: str | None, groups: dict[str, str] | None) -> dict:
