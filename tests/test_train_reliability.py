@@ -175,3 +175,32 @@ def test_a_second_trainer_on_the_same_directory_is_refused(
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=600)
     assert first.returncode == EXIT_PREEMPTED
+
+
+def test_a_killed_trainers_forked_children_do_not_hold_its_lock(tmp_path: Path) -> None:
+    """DataLoader workers are forked from the trainer and can outlive a kill -9 of it for a moment; the rerun must
+    not find the output directory locked by them."""
+    from trainer.run_dir import lock_output_dir
+
+    holder = (
+        "import os, sys, time\n"
+        "from trainer.run_dir import lock_output_dir\n"
+        f"lock = lock_output_dir({str(tmp_path)!r})\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    time.sleep(120)\n"
+        "    os._exit(0)\n"
+        "print(child, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1]
+    )
+    child = int(proc.stdout.readline())
+    try:
+        proc.kill()
+        proc.wait()
+        os.kill(child, 0)  # the forked child is still alive
+        lock_output_dir(tmp_path).close()
+    finally:
+        os.kill(child, signal.SIGKILL)

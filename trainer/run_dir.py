@@ -2,7 +2,7 @@
 
 `OUT/run.json` names the run (its id, model and a summary of its data); every checkpoint's state.json repeats the
 id. So a fresh start never writes over another run, pruning only ever deletes the current run's own checkpoints, and
-`--resume latest` only continues the run the directory holds. `OUT/.lock` is held (flock) by the main process for
+`--resume latest` only continues the run the directory holds. `OUT/.lock` is held (lockf) by the main process for
 the whole run: a second trainer on the same directory stops at once instead of interleaving checkpoints.
 
 On resume, hyper-parameters in RESUMABLE come from the command line and each change is printed; any other change
@@ -219,13 +219,14 @@ def begin_run(cfg: TrainConfig, run_id: str, data: dict[str, Any]) -> None:
 
 def lock_output_dir(output_dir: str | Path) -> IO[str]:
     """Hold `OUT/.lock` for the life of the returned file; the kernel releases it when the process dies (kill -9
-    too). A second trainer on the same directory gets a InputError naming the holder."""
+    too). A POSIX record lock (lockf), not flock: forked DataLoader workers do not inherit it, so a killed trainer's
+    orphaned workers, still exiting, cannot keep its rerun out. A second trainer gets an InputError naming the holder."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run's lifetime
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, as the platform reports a held record lock
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
