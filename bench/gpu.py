@@ -99,6 +99,11 @@ CLIP_BIGG = dict(
 )
 
 
+# Steps per trainer run; the rate is the trainer's steady_pairs_per_s (after its 2 warm-up steps). Short, because a
+# device lease is 15 minutes and every trainer run also pays its start-up and the final UNet export.
+STEPS = {"sd15": 25, "sdxl": 15}
+
+
 @dataclass(frozen=True)
 class Setup:
     """What one family is benchmarked with: the model folder, pixel and latent size, batch and step counts."""
@@ -110,7 +115,7 @@ class Setup:
     text_dim: int
     pooled_dim: int | None
     batch_size: int
-    steps: tuple[int, int]  # two run lengths; their difference gives the steady-state step rate
+    steps: int  # optimizer steps per trainer run
 
 
 def build_real_model(family: str, work: Path, device: torch.device) -> Path:
@@ -160,7 +165,7 @@ def make_setup(family: str, work: Path, tiny: bool, device: torch.device) -> Set
             96 if sdxl else 32,
             32 if sdxl else None,
             2,
-            (2, 4),
+            4,
         )
     return Setup(
         family,
@@ -170,7 +175,7 @@ def make_setup(family: str, work: Path, tiny: bool, device: torch.device) -> Set
         2048 if sdxl else 768,
         1280 if sdxl else None,
         2 if sdxl else 16,
-        (10, 40),
+        STEPS[family],
     )
 
 
@@ -282,104 +287,98 @@ def run_trainer(setup: Setup, data: Path, work: Path, steps: int, *extra: str) -
     r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, "WDS_SECURE": "1"})
     shutil.rmtree(out, ignore_errors=True)  # the exported UNet is GiBs
     if r.returncode != 0:
+        with (work / "failed-runs.log").open("a") as log:  # the whole stderr, for the row's one line
+            log.write(f"=== {out.name}: exit {r.returncode}\n{r.stderr}\n")
         lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
         return {"error": lines[-1][:200] if lines else f"exit {r.returncode}"}
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def steady_pairs_per_s(setup: Setup, data: Path, work: Path, *extra: str) -> float | str:
-    """Pairs/s between two run lengths, so start-up, compilation and the first batches cancel out; the trainer's
-    last error line (e.g. out of memory) when a run fails, so one failing variant does not end the benchmark."""
-    short, long = (run_trainer(setup, data, work, n, *extra) for n in setup.steps)
-    for result in (short, long):
-        if "error" in result:
-            return f"failed: {result['error']}"
-    return (setup.steps[1] - setup.steps[0]) * setup.batch_size / (long["seconds"] - short["seconds"])
+class Report:
+    """The markdown report, rewritten after every measured row, so a run cut short by a device lease still leaves
+    every figure it finished; each row is also printed as it lands."""
+
+    def __init__(self, path: Path, title: str) -> None:
+        self.path, self.title = path, title
+        self.sections: dict[str, tuple[str, list[str], list[list[object]]]] = {}
+
+    def section(self, key: str, heading: str, headers: list[str]) -> None:
+        self.sections[key] = (heading, headers, [])
+
+    def add(self, key: str, row: list[object]) -> None:
+        self.sections[key][2].append(row)
+        print(f"bench.gpu: {key}: " + " | ".join(map(str, row)), flush=True)
+        self.write()
+
+    def write(self) -> None:
+        parts = [self.title] + [
+            f"{heading}\n\n{table(headers, rows)}"
+            for heading, headers, rows in self.sections.values()
+            if rows
+        ]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("\n\n".join(parts) + "\n")
+        tmp.replace(self.path)
 
 
-def bench_step(
-    setup: Setup, data: Path, work: Path, device: torch.device, peak: float
-) -> tuple[list, float | str]:
-    flops_pair = 8 * unet_forward_flops(setup, device)
-    variants = {
-        "full, real loader": (),
-        "full, batch resident on the device": ("--fixed-batch",),
-        "LoRA rank 64, real loader": ("--lora-rank", "64"),
-    }
-    rates = {name: steady_pairs_per_s(setup, data, work, *extra) for name, extra in variants.items()}
-    rows = [
-        [setup.family, name, f"{rate:.2f}", f"{rate * flops_pair / 1e12 / peak:.1%}"]
-        if isinstance(rate, float)
-        else [setup.family, name, rate, ""]
-        for name, rate in rates.items()
-    ]
-    streamed, resident = rates["full, real loader"], rates["full, batch resident on the device"]
-    if isinstance(streamed, float) and isinstance(resident, float):
-        rows.append(
-            [
-                setup.family,
-                "data-path overhead (resident / loader time per pair)",
-                f"{resident / streamed:.3f}×",
-                "",
-            ]
-        )
-    return rows, streamed
+def failure(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"failed: {type(e).__name__}: {lines[-1][:160] if lines else ''}"
 
 
-def bench_on_the_fly(setup: Setup, device: torch.device, pairs_per_s: float | str) -> list:
+def measured(fn: Callable[[], list[object]], prefix: list[object]) -> list[object]:
+    """fn's row, or the error it raised, so one failing measurement does not end the benchmark."""
+    try:
+        return prefix + fn()
+    except Exception as e:  # any failure is a result worth recording
+        return [*prefix, failure(e)]
+
+
+def measured_rows(fn: Callable[[], list[list[object]]], count: int) -> list[list[object]]:
+    """fn's rows, or `count` rows naming the error it raised."""
+    try:
+        return fn()
+    except Exception as e:
+        return [[failure(e)]] * count
+
+
+def step_row(rate: float | str, flops_pair: float, peak: float) -> list[object]:
+    return (
+        [f"{rate:.2f}", f"{rate * flops_pair / 1e12 / peak:.1%}"] if isinstance(rate, float) else [rate, ""]
+    )
+
+
+def on_the_fly_row(setup: Setup, device: torch.device, pairs_per_s: float) -> list[object]:
     """The official recipe also VAE-encodes both images and text-encodes the caption at every step."""
-    if not isinstance(pairs_per_s, float):
-        return [[setup.family, pairs_per_s, "", ""]]
-    vae = LatentEncoder(
-        str(setup.model), dtype="bf16" if device.type == "cuda" else "fp32", device=str(device), flip=False
-    )
-    text = CaptionEncoder(
-        str(setup.model), dtype="bf16" if device.type == "cuda" else "fp32", device=str(device)
-    )
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    vae = LatentEncoder(str(setup.model), dtype=dtype, device=str(device), flip=False)
+    text = CaptionEncoder(str(setup.model), dtype=dtype, device=str(device))
     b = setup.batch_size
     pixels = torch.randint(0, 256, (2 * b, setup.resolution, setup.resolution, 3), dtype=torch.uint8)
     captions = [f"a photo of object {i}" for i in range(b)]
     encode_s = seconds_per_call(lambda: (vae.moments(pixels), text.encode(captions)), device)
     cached_s = b / pairs_per_s
     return [
-        [
-            setup.family,
-            f"{pairs_per_s:.2f}",
-            f"{b / (cached_s + encode_s):.2f}",
-            f"{(cached_s + encode_s) / cached_s:.2f}×",
-        ]
+        f"{pairs_per_s:.2f}",
+        f"{b / (cached_s + encode_s):.2f}",
+        f"{(cached_s + encode_s) / cached_s:.2f}×",
     ]
 
 
-def bench_memory(setup: Setup, data: Path, work: Path) -> list:
-    rows = []
-    for optimizer in ("adamw", "adafactor"):
-        for checkpointing in (False, True):
-            extra = ["--optimizer", optimizer] + (["--gradient-checkpointing"] if checkpointing else [])
-            result = run_trainer(setup, data, work, 3, *extra)
-            peak = result.get("max_memory_gib", "n/a (no CUDA)") if "error" not in result else result["error"]
-            rows.append([setup.family, optimizer, "on" if checkpointing else "off", setup.batch_size, peak])
-    return rows
-
-
-def bench_vae(setup: Setup, device: torch.device, peak: float) -> list:
-    rows = []
+def vae_rows(setup: Setup, device: torch.device, peak: float) -> list[list[object]]:
     batch = 2 if setup.resolution >= 1024 else 8
     pixels = torch.randint(0, 256, (batch, setup.resolution, setup.resolution, 3), dtype=torch.uint8)
     reference = LatentEncoder(str(setup.model), dtype="fp32", device=str(device), flip=False).moments(pixels)[
         0
     ]
+    rows = []
     for dtype in ("fp16", "bf16"):
         encoder = LatentEncoder(str(setup.model), dtype=dtype, device=str(device), flip=False)
         flops = counted_flops(lambda e=encoder: e.moments(pixels))
         seconds = seconds_per_call(lambda e=encoder: e.moments(pixels), device)
-        mean = encoder.moments(pixels)[0]
-        error = float((mean - reference).norm() / reference.norm())
+        error = float((encoder.moments(pixels)[0] - reference).norm() / reference.norm())
         rows.append(
             [
-                setup.family,
-                setup.resolution,
-                dtype,
                 f"{batch / seconds:.1f}",
                 f"{flops / batch / 1e9:,.0f}",
                 f"{flops / seconds / 1e12 / peak:.1%}",
@@ -387,6 +386,72 @@ def bench_vae(setup: Setup, device: torch.device, peak: float) -> list:
             ]
         )
     return rows
+
+
+def memory_row(result: dict) -> list[object]:
+    if "error" in result:
+        return [result["error"]]
+    return [result.get("max_memory_gib", "n/a (no CUDA)")]
+
+
+@dataclass
+class Family:
+    """One family's set-up and what later passes reuse: the data, FLOPs per pair and the streamed step rate."""
+
+    setup: Setup
+    data: Path
+    flops_pair: float
+    streamed: float | str = "not measured"
+
+
+def trainer_rate(family: Family, work: Path, *extra: str) -> tuple[float | str, dict]:
+    """Steady pairs/s of one trainer run of a variant (the trainer's own figure, after its warm-up steps), or its
+    last error line (e.g. out of memory); and the run's summary (its peak memory)."""
+    result = run_trainer(family.setup, family.data, work, family.setup.steps, *extra)
+    if "error" in result:
+        return f"failed: {result['error']}", result
+    return float(result["steady_pairs_per_s"]), result
+
+
+def first_pass(setup: Setup, work: Path, device: torch.device, peak: float, report: Report) -> Family:
+    """The figures worth most: the streamed step, cached vs on-the-fly, the VAE and (SDXL) memory per optimizer."""
+    family = Family(setup, latent_data(setup, work), 8 * unet_forward_flops(setup, device))
+    name = setup.family
+    family.streamed, summary = trainer_rate(family, work)
+    report.add("step", [name, "full, real loader", *step_row(family.streamed, family.flops_pair, peak)])
+    if isinstance(family.streamed, float):
+        report.add("otf", measured(lambda: on_the_fly_row(setup, device, family.streamed), [name]))
+    for dtype, row in zip(
+        ("fp16", "bf16"), measured_rows(lambda: vae_rows(setup, device, peak), 2), strict=True
+    ):
+        report.add("vae", [name, setup.resolution, dtype, *row])
+    if name == "sdxl":
+        report.add("memory", [name, "adamw", "off", setup.batch_size, *memory_row(summary)])
+        for optimizer, checkpointing in (("adamw", True), ("adafactor", False), ("adafactor", True)):
+            extra = ["--optimizer", optimizer] + (["--gradient-checkpointing"] if checkpointing else [])
+            result = run_trainer(setup, family.data, work, 3, *extra)
+            row = [name, optimizer, "on" if checkpointing else "off", setup.batch_size, *memory_row(result)]
+            report.add("memory", row)
+    return family
+
+
+def data_path_pass(family: Family, work: Path, peak: float, report: Report) -> None:
+    """The same step with one batch kept on the device: what the loader costs."""
+    name = family.setup.family
+    resident, _ = trainer_rate(family, work, "--fixed-batch")
+    report.add(
+        "step", [name, "full, batch resident on the device", *step_row(resident, family.flops_pair, peak)]
+    )
+    if isinstance(family.streamed, float) and isinstance(resident, float):
+        overhead = f"{resident / family.streamed:.3f}×"
+        report.add("step", [name, "data-path overhead (resident / loader time per pair)", overhead, ""])
+
+
+def lora_pass(family: Family, work: Path, peak: float, report: Report) -> None:
+    rate, _ = trainer_rate(family, work, "--lora-rank", "64")
+    report.add(
+        "step", [family.setup.family, "LoRA rank 64, real loader", *step_row(rate, family.flops_pair, peak)]
+    )
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -414,40 +479,51 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-gpu-"))
     peak = matmul_peak_tflops(device, args.tiny)
-    steps, otf, memory, vae = [], [], [], []
-    for family in args.family:
-        setup = make_setup(family, work, args.tiny, device)
-        data = latent_data(setup, work)
-        rows, pairs_per_s = bench_step(setup, data, work, device, peak)
-        steps += rows
-        otf += bench_on_the_fly(setup, device, pairs_per_s)
-        if family == "sdxl":
-            memory += bench_memory(setup, data, work)
-        vae += bench_vae(setup, device, peak)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     cmd = f"python -m bench.gpu --family {' '.join(args.family)}" + (" --tiny" if args.tiny else "")
-    sections = [
+    report = Report(
+        Path(args.out),
         f"# GPU benchmarks\n\n`{cmd}` on {name} ({machine()}), {time.strftime('%Y-%m-%d')}. Matmul peak measured "
         f"in the same run: **{peak:.1f} TFLOP/s** ({'bf16' if device.type == 'cuda' else 'fp32'}); every MFU "
         "below is against it."
         + (" Tiny models at 64 px: a smoke run, the numbers mean nothing." if args.tiny else ""),
-        "## DPO train step (trainer CLI, bf16 autocast, AdamW)\n\nSteady pairs/s between runs of "
-        f"{' and '.join(map(str, setup.steps))} steps; MFU counts 8 UNet forwards per pair (FlopCounterMode).\n\n"
-        + table(["family", "variant", "pairs/s", "MFU"], steps),
-        "## Cached latents vs the on-the-fly recipe (VAE-encode both images + text-encode the caption per step)\n\n"
-        + table(["family", "cached pairs/s", "on-the-fly pairs/s", "speed-up"], otf),
-        "## VAE encode (stages.encode_latents.LatentEncoder)\n\n"
-        + table(
-            ["family", "resolution", "dtype", "images/s", "GFLOP/image", "MFU", "rel. error vs fp32"], vae
-        ),
-    ]
-    if memory:
-        sections.insert(
-            3,
-            "## SDXL full fine-tune, policy + reference on one GPU, no offload: peak memory (GiB)\n\n"
-            + table(["family", "optimizer", "gradient checkpointing", "batch", "peak GiB"], memory),
-        )
-    Path(args.out).write_text("\n\n".join(sections) + "\n")
+    )
+    report.section(
+        "step",
+        "## DPO train step (trainer CLI, bf16 autocast, AdamW)\n\nThe trainer's steady pairs/s (wall time after "
+        f"its first 2 steps) in one run of {STEPS['sd15']} steps (SD1.5) or {STEPS['sdxl']} (SDXL); MFU counts 8 "
+        "UNet forwards per pair (FlopCounterMode).",
+        ["family", "variant", "pairs/s", "MFU"],
+    )
+    report.section(
+        "otf",
+        "## Cached latents vs the on-the-fly recipe (VAE-encode both images + text-encode the caption per step)",
+        ["family", "cached pairs/s", "on-the-fly pairs/s", "speed-up"],
+    )
+    report.section(
+        "memory",
+        "## SDXL full fine-tune, policy + reference on one GPU, no offload: peak memory (GiB)",
+        ["family", "optimizer", "gradient checkpointing", "batch", "peak GiB"],
+    )
+    report.section(
+        "vae",
+        "## VAE encode (stages.encode_latents.LatentEncoder)",
+        ["family", "resolution", "dtype", "images/s", "GFLOP/image", "MFU", "rel. error vs fp32"],
+    )
+    report.write()
+    # Pass by pass across the families, most valuable first: a lease that ends early loses the least.
+    families = []
+    for name in args.family:
+        try:
+            families.append(first_pass(make_setup(name, work, args.tiny, device), work, device, peak, report))
+        except Exception as e:  # the other family may still run
+            report.add("step", [name, "(benchmark stopped)", failure(e), ""])
+    for later_pass in (data_path_pass, lora_pass):
+        for family in families:
+            try:
+                later_pass(family, work, peak, report)
+            except Exception as e:
+                report.add("step", [family.setup.family, later_pass.__name__, failure(e), ""])
     print(f"bench.gpu: wrote {args.out}")
     return 0
 

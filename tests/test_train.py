@@ -239,6 +239,22 @@ def test_data_only_reports_pairs_per_s(latent_sd15: Path, capsys: pytest.Capture
     assert 0 < result["first_batch_s"] < result["seconds"]
 
 
+def test_steady_rate_leaves_out_the_warm_up_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh GPU machine's first steps take seconds (module loading, autotuning): the steady figure skips them."""
+    from trainer import metrics
+
+    clock_ticks = iter([0.0, 10.0, 13.0, 20.0, 25.0])  # start, end of warm-up step 2, summary; the short run
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock_ticks))
+    clock = metrics.RunClock(pairs_per_step=4)
+    for _ in range(4):
+        clock.step()
+    expected = {"seconds": 13.0, "pairs_per_s": round(16 / 13, 2), "steady_pairs_per_s": round(8 / 3, 2)}
+    assert clock.summary() == expected
+    short = metrics.RunClock(pairs_per_step=4)
+    short.step()
+    assert short.summary()["steady_pairs_per_s"] is None
+
+
 def test_bad_config_names_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert train.main(["--data", str(tmp_path), "--model", "m", "--loss", "nope"]) == 2
     assert "error: --loss must be one of" in capsys.readouterr().err
@@ -318,7 +334,8 @@ def test_fixed_batch_reads_only_the_first_batch(
     args = ["--max-steps", "3", "--shards-in-flight", "1", "--num-workers", "0", "--checkpoint-every", "0"]
     run_train(data, tiny_sd15, tmp_path / "fixed", *args, "--fixed-batch")
     assert (tmp_path / "fixed" / "final" / "unet").is_dir()
-    capsys.readouterr()
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps_this_run"] == 3 and summary["steady_pairs_per_s"] > 0  # the bench's step figure
     run_train(data, tiny_sd15, tmp_path / "streamed", *args, code=2)
     assert re.search(r"error: .*pairs-.*\.tar: unreadable tar", capsys.readouterr().err)
 

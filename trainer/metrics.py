@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,3 +53,35 @@ class MetricWindow:
         )
         self._reset()
         return out
+
+
+class RunClock:
+    """Pairs/s of this run, and of its steady state: the first WARMUP_STEPS steps pay CUDA module loading, kernel
+    autotuning, the allocator's growth and the loader's first shards (seconds on a fresh GPU machine), which a long
+    run does not see. Host time is device time here because every optimizer step ends with one host sync."""
+
+    WARMUP_STEPS = 2
+
+    def __init__(self, pairs_per_step: int) -> None:
+        self.pairs_per_step = pairs_per_step
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.steady_start: float | None = None
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps == self.WARMUP_STEPS:
+            self.steady_start = time.perf_counter()
+
+    def summary(self) -> dict[str, float | None]:
+        now = time.perf_counter()
+        seconds = now - self.start
+        steady_steps = self.steps - self.WARMUP_STEPS
+        steady = None
+        if self.steady_start is not None and steady_steps > 0:
+            steady = round(steady_steps * self.pairs_per_step / (now - self.steady_start), 2)
+        return {
+            "seconds": round(seconds, 3),
+            "pairs_per_s": round(self.steps * self.pairs_per_step / seconds, 2) if self.steps else None,
+            "steady_pairs_per_s": steady,
+        }

@@ -129,9 +129,9 @@ def apply_gradients(trainer: Trainer, finite: torch.Tensor) -> tuple[torch.Tenso
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     grad_norm = accelerator.clip_grad_norm_(trainer.unet.parameters(), max_norm)
     finite = finite & torch.isfinite(grad_norm)
-    flags = torch.stack(
-        [(~finite).float(), torch.tensor(float(trainer.stop.requested), device=finite.device)]
-    )
+    # torch.full is a fill kernel; torch.tensor(x, device=cuda) would be a second, synchronising host copy
+    stop_flag = torch.full((), float(trainer.stop.requested), device=finite.device)
+    flags = torch.stack([(~finite).float(), stop_flag])
     skipped, stop = (v != 0 for v in accelerator.reduce(flags, "sum").tolist())
     if not skipped:
         trainer.optimizer.step()

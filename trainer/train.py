@@ -38,7 +38,7 @@ from trainer.checkpoint import TrainState, check_topology, export_final, load_ch
 from trainer.data import LatentPairStream, make_loader
 from trainer.evaluate import evaluate, strict_json
 from trainer.losses import REFERENCE_FREE, default_beta
-from trainer.metrics import MetricWindow
+from trainer.metrics import MetricWindow, RunClock
 from trainer.model import Models, check_data_fits_model, load_models, to_device
 from trainer.objective import Objective
 from trainer.optim import build_lr_scheduler, build_optimizer, effective_lr
@@ -386,12 +386,13 @@ def run(cfg: TrainConfig, accelerator: Accelerator, start: Start, stop: StopRequ
         mininterval=PROGRESS_INTERVAL_S,
     )
     pairs_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world
-    first_step, run_start = state.global_step, time.perf_counter()
+    clock = RunClock(pairs_per_step)
     eval_result: dict[str, float] = {}
     exit_code = 0
     while state.global_step < cfg.max_steps:
         result = train_step(trainer, state, batches)
         window.add_step(result, pairs=pairs_per_step)
+        clock.step()
         progress.update(1)
         if result.skipped:
             report_skip(trainer, state, progress)
@@ -409,7 +410,7 @@ def run(cfg: TrainConfig, accelerator: Accelerator, start: Start, stop: StopRequ
         if should_evaluate(cfg, state.global_step):
             eval_result = evaluate_and_log(trainer, state.global_step)
     progress.close()
-    seconds = time.perf_counter() - run_start
+    timing = clock.summary()
     if exit_code == 0 and too_many_skipped(cfg, state, finished=True):
         exit_code = EXIT_DIVERGED
 
@@ -423,12 +424,10 @@ def run(cfg: TrainConfig, accelerator: Accelerator, start: Start, stop: StopRequ
     accelerator.free_memory()
     del trainer  # its DDP wrapper owns the reducer that holds the group
     accelerator.end_training()  # stops the trackers and destroys the process group
-    steps_this_run = state.global_step - first_step
     summary = {
         **asdict(state),
-        "steps_this_run": steps_this_run,
-        "seconds": round(seconds, 3),
-        "pairs_per_s": round(steps_this_run * pairs_per_step / seconds, 2) if seconds > 0 else None,
+        "steps_this_run": clock.steps,
+        **timing,
         "final": f"{cfg.output_dir}/final" if exit_code != EXIT_PREEMPTED else None,
         "exit_code": exit_code,
         **{f"eval_{k}": v for k, v in eval_result.items()},
