@@ -285,16 +285,23 @@ def start_progress(out: str, plan: list[tuple[int, list[str]]], scan: Prescan, c
     return progress
 
 
-def encoder_pool(num_encoders: int) -> dict[str, Any]:
-    """map_batches kwargs for model actors: one per GPU, else one per 2 CPUs; `num_encoders` overrides."""
+def model_stage(
+    config: EncodeConfig, num_encoders: int, batch_size: int, **constructor_kwargs: Any
+) -> dict[str, Any]:
+    """map_batches kwargs of a model actor stage (text encoder, VAE): `config`'s model and dtype, two torch threads
+    per actor, and an actor pool of one per GPU, else one per 2 CPUs; `num_encoders` overrides the pool size."""
     import ray
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     size = num_encoders or (gpus if gpus else max(1, int(resources.get("CPU", 2)) // 2))
-    if gpus:
-        return {"compute": ray.data.ActorPoolStrategy(size=size), "num_gpus": 1}
-    return {"compute": ray.data.ActorPoolStrategy(size=size), "num_cpus": 1}
+    model = {"model": str(Path(config.model).resolve()), "dtype": config.dtype, "num_threads": 2}
+    return {
+        "batch_size": batch_size,
+        "fn_constructor_kwargs": {**model, **constructor_kwargs},
+        "compute": ray.data.ActorPoolStrategy(size=size),
+        **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
+    }
 
 
 def encode_text(config: EncodeConfig, out: str, captions: set[str]) -> None:
@@ -320,19 +327,9 @@ def encode_text(config: EncodeConfig, out: str, captions: set[str]) -> None:
     ctx = DataContext.get_current()
     ctx.checkpoint_config = None
     ctx.execution_options.preserve_order = True  # reproducible tars: rows reach them in input order
-    pool = encoder_pool(1)
     (
         ray.data.from_items([{"caption": c} for c in todo])
-        .map_batches(
-            CaptionEncoder,
-            batch_size=config.text_batch_size,
-            fn_constructor_kwargs={
-                "model": str(Path(config.model).resolve()),
-                "dtype": config.dtype,
-                "num_threads": 2,
-            },
-            **pool,
-        )
+        .map_batches(CaptionEncoder, **model_stage(config, 1, config.text_batch_size))
         .repartition(target_num_rows_per_block=config.text_shard_size, strict=True)
         .write_datasink(
             ShardWriter(path, ShardNames("text", 0), config.text_shard_size, filesystem=filesystem)
@@ -393,15 +390,13 @@ def encode_chunk(
         )
         .map_batches(
             LatentEncoder,
-            batch_size=config.encode_batch_size,
-            fn_constructor_kwargs={
-                "model": str(Path(config.model).resolve()),
-                "dtype": config.dtype,
-                "flip": config.flip,
-                "latent_mode": config.latent_mode,
-                "num_threads": 2,
-            },
-            **encoder_pool(config.num_encoders),
+            **model_stage(
+                config,
+                config.num_encoders,
+                config.encode_batch_size,
+                flip=config.flip,
+                latent_mode=config.latent_mode,
+            ),
         )
         .map_batches(count_rows, batch_size=None, fn_kwargs={"counter": counter})
         .map_batches(to_pair_samples, batch_size=config.shard_size)
