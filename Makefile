@@ -3,6 +3,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 PY := .venv/bin/python
 STAMP := .venv/.setup-done
+DEV_STAMP := .venv/.setup-dev-done
 
 # Encode / train variables (override on the command line: make encode SRC=... OUT=...)
 SRC ?= data/synthetic/train
@@ -23,13 +24,19 @@ PRETRAIN_ROWS ?= 3000
 export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models data encode train demo robustness test lint bench bench-losses bench-gpu clean
+.PHONY: setup setup-dev models data encode train demo robustness test lint bench bench-losses bench-gpu clean
 # The stamps and manifests of the chained rules below are real outputs, not intermediates make may delete.
 .SECONDARY:
 
+# Two stamps: what the project runs on (every target), and the test tools and oracle on top (test, lint), so that
+# `make demo` on a fresh clone does not wait for them.
 setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0" -e .
+	touch $@
+setup-dev: $(DEV_STAMP)
+$(DEV_STAMP): $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[dev]"
 	rm -rf .venv/oracle && $(PY) -m pip install -q --disable-pip-version-check --no-deps --target .venv/oracle \
 	  $$($(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["dpo-latents"]["test-oracle"])')
@@ -91,16 +98,16 @@ demo: models/tiny-sd15/.pretrained data/encoded/tiny-sd15/train/manifest.json \
 robustness: models/tiny-sd15/.pretrained
 	$(PY) -m bench.robustness --work build/robustness --out build/robustness/table.md
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest tests
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(PY) -m bench.run --out BENCHMARKS.md
 
 # Every --loss with the demo's config and step budget, scored on the held-out pairs against the base model.

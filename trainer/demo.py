@@ -1,6 +1,6 @@
-"""The end-to-end demo: how much the reference reads its caption, held-out implicit accuracy of the reference (0.5
-by construction), DPO training, and the trained policy's accuracy, overall and per kind of loser; the overall
-accuracy must reach --min-accuracy (exit 1 otherwise).
+"""The end-to-end demo: how much the reference reads its caption, DPO training, and the trained policy's held-out
+implicit accuracy, overall and per kind of loser, against the reference's 0.5 (by construction: before training the
+policy is the reference, so every margin is 0); the overall accuracy must reach --min-accuracy (exit 1 otherwise).
 
   python -m trainer.demo --config configs/demo.toml --data TRAIN --val-data VAL --model MODEL --output-dir RUN
      [--defects VAL_PARQUET_DIR/loser_defects.json] [--min-accuracy A]
@@ -24,6 +24,9 @@ from trainer import train
 from trainer.evaluate import caption_gap, evaluate, load_for_eval
 
 MIN_ACCURACY = 0.68  # README robustness table: every measured run ≥ 0.693, about mean − 2.4σ
+# The caption gap is a paired mean (same noise, two captions) over hundreds of images: on the demo's validation set
+# 4 draws give a relative gap of 0.55%, 8 give 0.54% and 16 give 0.52%, so 4 it is (16 cost 20 s more per demo).
+GAP_DRAWS = 4
 
 
 def held_out_accuracy(cfg: TrainConfig, unet_dir: str | None, groups: dict[str, str] | None) -> dict:
@@ -49,7 +52,7 @@ def reference_caption_gap(cfg: TrainConfig) -> dict[str, float]:
         batch_size=cfg.batch_size,
         max_pairs=cfg.eval_max_pairs,
         seed=cfg.seed,
-        draws=cfg.eval_draws,
+        draws=GAP_DRAWS,
     )
 
 
@@ -90,10 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{gap['err_own_caption']:.4f} with their caption, {gap['err_other_caption']:.4f} with another pair's "
         f"({100 * gap['relative_gap']:.1f}% lower with the right caption)"
     )
-    before = held_out_accuracy(cfg, None, groups)
-    print(
-        f"reference implicit accuracy on {before['num_pairs']} held-out pairs: {before['implicit_accuracy']:.3f}"
-    )
     # the trainer's own held-out evaluations would repeat the one below (which also splits by defect): left out
     try:
         code = train.train(replace(cfg, val_data=None))
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{by[g]:.3f} where the loser is off in {g} ({count[g]} pairs)" for g in by)
         )
     print(
-        f"reference accuracy {before['implicit_accuracy']:.3f} → DPO policy accuracy "
+        f"held-out implicit accuracy on {after['num_pairs']} pairs: reference 0.500 (by construction) → DPO policy "
         f"{after['implicit_accuracy']:.3f} (reward margin {after['reward_margin']:.3g}); "
         f"{'PASS' if ok else 'FAIL'}: threshold {args.min_accuracy}"
     )
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "reference_caption_gap": gap,
-                "reference": before,
+                "reference": {"implicit_accuracy": 0.5, "reward_margin": 0.0},
                 "policy": after,
                 "min_accuracy": args.min_accuracy,
                 "passed": ok,
