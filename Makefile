@@ -29,16 +29,15 @@ export TOKENIZERS_PARALLELISM ?= false
 .SECONDARY:
 
 # Two stamps: what the project runs on (every target), and the test tools and oracle on top (test, lint), so that
-# `make demo` on a fresh clone does not wait for them. --no-compile: Python compiles only the modules it imports, on
-# first import, instead of every file of torch, ray and botocore up front (30 s of a fresh setup's 86 s).
+# `make demo` on a fresh clone does not wait for them.
 setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --disable-pip-version-check --no-compile "torch==2.13.0" -e .
+	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0" -e .
 	touch $@
 setup-dev: $(DEV_STAMP)
 $(DEV_STAMP): $(STAMP)
-	$(PY) -m pip install -q --disable-pip-version-check --no-compile "torch==2.13.0" -e ".[dev]"
+	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[dev]"
 	rm -rf .venv/oracle && $(PY) -m pip install -q --disable-pip-version-check --no-deps --target .venv/oracle \
 	  $$($(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["dpo-latents"]["test-oracle"])')
 	touch $@
