@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -47,8 +48,16 @@ def _args(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def _launch(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """The trainer CLI in a fresh interpreter, output captured; kwargs go to subprocess.run (timeout 600 s unless
+    given)."""
+    return subprocess.run(
+        [sys.executable, *args], env=ENV, capture_output=True, text=True, **{"timeout": 600, **kwargs}
+    )
+
+
 def _run(args: list[str]) -> None:
-    proc = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True, timeout=600)
+    proc = _launch(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -97,12 +106,8 @@ def test_sigkill_during_training_and_torn_save(tiny_sd15: Path, latent_sd15: Pat
     step2 = straight / "checkpoints" / "step_00000002"
     shutil.copytree(step2, torn / "checkpoints" / "step_00000002")
     limit = (step2 / "model.safetensors").stat().st_size // 2
-    proc = subprocess.run(
-        [sys.executable, *_args(latent_sd15, tiny_sd15, torn, "--resume", "latest")],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = _launch(
+        _args(latent_sd15, tiny_sd15, torn, "--resume", "latest"),
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
     )
     assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
@@ -140,11 +145,5 @@ def test_torchrun_two_cpu_processes(tiny_sd15: Path, latent_sd15: Path, tmp_path
         keys.append({k for _ in range(4) for k in next(batches)["keys"]})
     assert not keys[0] & keys[1]
     # resuming with another world size is refused
-    proc = subprocess.run(
-        [sys.executable, *_args(latent_sd15, tiny_sd15, full, "--resume", "latest")],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _launch(_args(latent_sd15, tiny_sd15, full, "--resume", "latest"), timeout=300)
     assert proc.returncode != 0 and "world_size: checkpoint 2, now 1" in proc.stderr
