@@ -4,6 +4,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.setup-done
 DEV_STAMP := .venv/.setup-dev-done
+INSTALL := python3 tools/install.py .venv
 
 # Encode / train variables (override on the command line: make encode SRC=... OUT=...)
 SRC ?= data/synthetic/train
@@ -31,14 +32,14 @@ export TOKENIZERS_PARALLELISM ?= false
 # Two stamps: what the project runs on (every target), and the test tools and oracle on top (test, lint), so that
 # `make demo` on a fresh clone does not wait for them.
 setup: $(STAMP)
-$(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0" -e .
+# tools/install.py: uv (parallel download, unpack and bytecode compile) with pip's package sources; pip where uv fails.
+$(STAMP): pyproject.toml tools/install.py
+	$(INSTALL) "torch==2.13.0" -e .
 	touch $@
 setup-dev: $(DEV_STAMP)
 $(DEV_STAMP): $(STAMP)
-	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[dev]"
-	rm -rf .venv/oracle && $(PY) -m pip install -q --disable-pip-version-check --no-deps --target .venv/oracle \
+	$(INSTALL) "torch==2.13.0" -e ".[dev]"
+	rm -rf .venv/oracle && $(INSTALL) --no-deps --target .venv/oracle \
 	  $$($(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["dpo-latents"]["test-oracle"])')
 	touch $@
 
