@@ -8,7 +8,7 @@ preference-set seeds is the real situation, and the seeds here vary only the pre
 
 Each finished run is appended to `WORK/results.jsonl` and skipped on a rerun, so a long measurement can be resumed.
 
-CLI: python -m bench.robustness [--seeds 11 12 13 14 15] [--rows 2000 3000] [--work build/robustness]
+CLI: python -m bench.robustness [--seeds 16 17 18 19 20] [--rows 2000 3000] [--work build/robustness]
      [--model models/tiny-sd15] [--config configs/demo.toml] [--out FILE.md]
 """
 
@@ -143,7 +143,7 @@ def arguments() -> argparse.ArgumentParser:
         "--seeds",
         type=int,
         nargs="+",
-        default=[11, 12, 13, 14, 15],
+        default=[16, 17, 18, 19, 20],
         help="preference-set seeds (none tuned on)",
     )
     parser.add_argument(
