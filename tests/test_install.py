@@ -7,6 +7,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from tools.install import install, pip_settings, uv_source_flags
 
 
@@ -63,13 +65,14 @@ def test_uv_gets_the_reachable_sources_only(tmp_path):
     ]
 
 
-def hand_made_wheel(folder: Path, name: str) -> Path:
+def hand_made_wheel(folder: Path, name: str, version: str = "1.0") -> Path:
     """A pure-Python wheel with one module, no build step and no dependencies."""
-    wheel = folder / f"{name}-1.0-py3-none-any.whl"
-    info = f"{name}-1.0.dist-info"
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
     files = {
-        f"{name}.py": "ANSWER = 42\n",
-        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+        f"{name}.py": f"VERSION = {version!r}\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
         f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
     files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{info}/RECORD"])
@@ -79,23 +82,48 @@ def hand_made_wheel(folder: Path, name: str) -> Path:
     return wheel
 
 
-def test_install_compiles_bytecode_and_falls_back_to_pip(tmp_path, capfd):
-    venv_dir = tmp_path / "venv"
-    first, second = hand_made_wheel(tmp_path, "first_pkg"), hand_made_wheel(tmp_path, "second_pkg")
-    assert install(venv_dir, [str(first)]) == 0
-    python = str(venv_dir / "bin" / "python")
-    assert (
-        subprocess.run([python, "-c", "import uv, first_pkg; assert first_pkg.ANSWER == 42"]).returncode == 0
-    )
-    site = Path(
-        subprocess.check_output(
-            [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True
-        ).strip()
-    )
-    assert list((site / "__pycache__").glob("first_pkg.*.pyc")), "bytecode was not compiled at install time"
-    assert "installing with pip instead" not in capfd.readouterr().err
+def simple_index(root: Path, name: str, version: str) -> str:
+    """A PEP 503 package index on disk holding one version of `name`; its file:// URL."""
+    project = root / "simple" / name.replace("_", "-")  # PEP 503's normalised name
+    wheel = hand_made_wheel(project, name, version)
+    (project / "index.html").write_text(f'<a href="{wheel.name}">{wheel.name}</a>\n')
+    return (root / "simple").as_uri()
 
-    # a pip-only flag: uv refuses the command line, pip installs
-    assert install(venv_dir, ["--no-warn-script-location", str(second)]) == 0
+
+def runs(python: str, code: str) -> bool:
+    return subprocess.run([python, "-c", code]).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def venv_with_uv(tmp_path_factory) -> Path:
+    """A fresh environment with uv and one hand-made wheel, installed by tools/install.py."""
+    root = tmp_path_factory.mktemp("install")
+    assert install(root / "venv", [str(hand_made_wheel(root, "first_pkg"))]) == 0
+    return root / "venv"
+
+
+def test_install_compiles_bytecode(venv_with_uv, capfd):
+    python = str(venv_with_uv / "bin" / "python")
+    assert runs(python, "import uv, first_pkg")
+    site = subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"])
+    pycache = Path(site.decode().strip()) / "__pycache__"
+    assert list(pycache.glob("first_pkg.*.pyc")), "bytecode was not compiled at install time"
+
+
+def test_install_takes_the_best_version_on_any_index_as_pip_does(venv_with_uv, tmp_path, monkeypatch, capfd):
+    """The wanted version is only on the second index: uv's default (first index that has the package) fails."""
+    first, second = (simple_index(tmp_path / v, "indexed_pkg", v) for v in ("1.0", "2.0"))
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", f"{first} {second}")
+    assert install(venv_with_uv, ["indexed_pkg>=2"]) == 0
+    assert "installing with pip instead" not in capfd.readouterr().err
+    assert runs(
+        str(venv_with_uv / "bin" / "python"), "import indexed_pkg; assert indexed_pkg.VERSION == '2.0'"
+    )
+
+
+def test_install_falls_back_to_pip(venv_with_uv, tmp_path, capfd):
+    """A pip-only flag: uv refuses the command line, pip installs."""
+    wheel = hand_made_wheel(tmp_path, "second_pkg")
+    assert install(venv_with_uv, ["--no-warn-script-location", str(wheel)]) == 0
     assert "installing with pip instead" in capfd.readouterr().err
-    assert subprocess.run([python, "-c", "import second_pkg"]).returncode == 0
+    assert runs(str(venv_with_uv / "bin" / "python"), "import second_pkg")

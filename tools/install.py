@@ -71,6 +71,9 @@ def install(venv_dir: Path, arguments: list[str]) -> int:
     pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     if subprocess.run([*pip, "uv"]).returncode == 0:
         uv = [python, "-m", "uv", "pip", "install", "-q", "--python", python, "--compile-bytecode"]
+        # as pip: the best version on any index (uv's default takes the first index that has the package at all,
+        # and this machine's first local index holds an older ray than pyproject.toml pins)
+        uv += ["--index-strategy", "unsafe-best-match"]
         if subprocess.run([*uv, *uv_source_flags(pip_settings(python)), *arguments]).returncode == 0:
             return 0
         print("install: uv failed (above); installing with pip instead", file=sys.stderr)
