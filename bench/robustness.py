@@ -185,22 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "results.jsonl"
-    started_ray = encode.init_ray(None)  # one local Ray cluster for every encode of the batch
-    try:
-        # every seed at the first size before any at the next, so a batch stopped early still covers all seeds
-        order = [(s, r) for r in args.rows for s in args.seeds]
-        for seed, rows in order:
-            if any(r["seed"] == seed and r["rows"] == rows for r in finished(log)):
-                continue  # read before every run, so batches over disjoint seeds can share WORK
-            result = one_run(seed, rows, max(args.rows), args.work, args.model, args.config)
-            print(json.dumps(result), flush=True)
-            with log.open("a") as f:
-                f.write(json.dumps(result) + "\n")
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+    # no Ray cluster held across the batch: each encode starts and stops its own. An idle local cluster's dozen
+    # processes slowed the DPO runs beside it by a third (2.1 vs 2.95 steps/s, each batch pinned to one of 2 cores)
+    order = [(s, r) for r in args.rows for s in args.seeds]  # every seed at the first size first, so a batch
+    for seed, rows in order:  # stopped early still covers all seeds
+        if any(r["seed"] == seed and r["rows"] == rows for r in finished(log)):
+            continue  # read before every run, so batches over disjoint seeds can share WORK
+        result = one_run(seed, rows, max(args.rows), args.work, args.model, args.config)
+        print(json.dumps(result), flush=True)
+        with log.open("a") as f:
+            f.write(json.dumps(result) + "\n")
     wanted = [r for r in finished(log) if r["seed"] in args.seeds and r["rows"] in args.rows]
     table = markdown(wanted, args.goal)
     print(table)
