@@ -1,16 +1,17 @@
 """VAE posterior moments for decoded pairs: a callable class that Ray runs as an actor and a benchmark runs bare.
 
-No module-level Ray import, so it works where Ray is absent. Moments are stored *unscaled* in fp16
-(`latent_dist.mean`, `latent_dist.logvar`), so the trainer can draw a fresh sample every step as the official code
-does with `latent_dist.sample()`. Flipped variants are encoded from flipped pixels rather than by flipping latents:
-a conv VAE is not flip-equivariant (`flip_equivariance_gap` measures by how much; bench/run.py reports it).
+No module-level Ray import, so it works where Ray is absent; no module-level diffusers import either: the encode
+driver imports this module only to hand the class to Ray, and diffusers' import (seconds of CPU) belongs in the
+actor. Moments are stored *unscaled* in fp16 (`latent_dist.mean`, `latent_dist.logvar`), so the trainer can draw a
+fresh sample every step as the official code does with `latent_dist.sample()`. Flipped variants are encoded from
+flipped pixels rather than by flipping latents: a conv VAE is not flip-equivariant (`flip_equivariance_gap`
+measures by how much; bench/run.py reports it).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 
 from schemas.config import ENCODE_DTYPES
 from schemas.sample import SIDES, TORCH_DTYPES, latent_tensor_names, tensor_name
@@ -44,6 +45,8 @@ class LatentEncoder:
         latent_mode: str = "moments",
         num_threads: int | None = None,
     ) -> None:
+        from diffusers import AutoencoderKL
+
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = default_device(device)

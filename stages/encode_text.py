@@ -1,4 +1,5 @@
-"""Caption embeddings, once per unique caption: a callable class Ray runs as an actor (no module-level Ray import).
+"""Caption embeddings, once per unique caption: a callable class Ray runs as an actor. No module-level Ray or
+transformers import: the encode driver imports this module only to hand the class to Ray.
 
 SD1.5: the text encoder's last hidden state [77, D], as the official trainer conditions on it.
 SDXL: both encoders' penultimate hidden states concatenated on the feature dim [77, D1 + D2], plus encoder 2's
@@ -7,12 +8,16 @@ pooled projection `text_embeds` [P], exactly what StableDiffusionXLPipeline.enco
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from schemas.sample import caption_key, encode_tensors, model_family
 from stages.encode_latents import default_device, resolve_dtype
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 MAX_LENGTH = 77
 
@@ -23,6 +28,8 @@ class CaptionEncoder:
     def __init__(
         self, model: str, dtype: str = "auto", device: str | None = None, num_threads: int | None = None
     ) -> None:
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = default_device(device)

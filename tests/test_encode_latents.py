@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +48,20 @@ def test_mean_mode_without_flips_stores_only_means(tiny_sd15: Path) -> None:
     encoder = LatentEncoder(str(tiny_sd15), device="cpu", flip=False, latent_mode="mean")
     out = encoder({"w": _images(2), "l": _images(2, seed=3)})
     assert sorted(out) == ["l_mean", "w_mean"] and out["w_mean"].dtype == np.float16
+
+
+def test_the_driver_imports_the_model_stages_without_diffusers_or_transformers() -> None:
+    """The encode driver imports these modules only to hand their classes to Ray: diffusers and transformers (about
+    5 s of CPU each here) are imported in the actors, not once more in the driver before every text and pair job."""
+    probe = (
+        "import sys, stages.encode_latents, stages.encode_text; "
+        "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
