@@ -7,6 +7,7 @@ one, torch's own sync detector (`torch.cuda.set_sync_debug_mode`) counts the syn
 
 from __future__ import annotations
 
+import copy
 import itertools
 import sys
 import warnings
@@ -16,11 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
 from schemas.config import TrainConfig
 from trainer.checkpoint import TrainState
+from trainer.model import draw_noise
 from trainer.step import train_step
 from trainer.train import build_trainer, training_batches
 
@@ -134,6 +137,48 @@ def test_non_finite_step_is_skipped_on_the_device(tiny_sd15: Path, latent_sd15: 
     result = train_step(trainer, state, iter(good[2:]))
     assert not result.skipped and state.skipped_steps == 1
     assert any(not torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_sft_step_is_one_pass_over_the_winners(family: str, request: pytest.FixtureRequest) -> None:
+    """SFT denoises the preferred images only, as SalesforceAIResearch/DiffusionDPO's train.py does:
+
+        elif args.train_method == 'sft':
+            feed_pixel_values = batch["pixel_values"]
+        ...
+        if args.train_method == 'sft': # SFT, casting for F.mse_loss
+            loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+
+    so the step's UNet sees the B winners (not [winners; losers], 2B: half the compute), and the loss is that MSE
+    of the policy before the step on the winners, with the step's own noise and timesteps."""
+    model, data = request.getfixturevalue(f"tiny_{family}"), request.getfixturevalue(f"latent_{family}")
+    cfg, trainer, accelerator = _trainer(model, data, 1, loss="sft")
+    batch = next(training_batches(cfg, accelerator, 0))
+    before = copy.deepcopy(trainer.policy)
+    fed: list[int] = []
+    hook = trainer.policy.register_forward_pre_hook(lambda module, args: fed.append(len(args[0])))
+    try:
+        result = train_step(trainer, TrainState(), iter([batch]))
+    finally:
+        hook.remove()
+    assert fed == [cfg.batch_size]
+    noise, timesteps = draw_noise(
+        batch, trainer.models.scheduler.config.num_train_timesteps, seed=cfg.seed, rank=0, micro_step=0
+    )
+    noisy = trainer.models.scheduler.add_noise(batch["w_latents"], noise, timesteps)
+    added = None
+    if family == "sdxl":
+        target_size = batch["w_time_ids"][
+            :, 4:6
+        ]  # the default constant micro-conditioning: (R, R, 0, 0, R, R)
+        time_ids = torch.cat([target_size, torch.zeros_like(target_size), target_size], dim=1)
+        added = {"text_embeds": batch["pooled_prompt_embeds"], "time_ids": time_ids}
+    with torch.no_grad():
+        model_pred = before(noisy, timesteps, batch["prompt_embeds"], added_cond_kwargs=added).sample
+    expected = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+    (metrics,) = result.metrics
+    assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert "policy_err_l" not in metrics  # no loser pass to report
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -119,15 +119,16 @@ def draw_eval_noise(
 @dataclass
 class PairOutput:
     """One pass over a batch of pairs: the per-pair errors (fp32, [B]) and the tensors they came from ([2B, ...],
-    winners first), which DSPO and the SDPO safeguard need beyond the errors."""
+    winners first), which DSPO and the SDPO safeguard need beyond the errors. A winners-only pass (SFT) has no
+    loser errors and [B, ...] tensors."""
 
     err_w: torch.Tensor
-    err_l: torch.Tensor
+    err_l: torch.Tensor | None
     pred: torch.Tensor
     target: torch.Tensor
 
     @property
-    def errors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def errors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.err_w, self.err_l
 
 
@@ -149,12 +150,15 @@ def pair_forward(
     noise: torch.Tensor,
     timesteps: torch.Tensor,
     time_ids: str = "constant",
+    winners_only: bool = False,
 ) -> PairOutput:
     """One forward over [winners; losers] with the pair's shared noise and timestep. `time_ids` picks the SDXL
-    micro-conditioning (SDXL_TIME_IDS); SD1.5 batches ignore it."""
-    latents = torch.cat([batch["w_latents"], batch["l_latents"]])
-    noise2 = torch.cat([noise, noise]).to(latents)
-    t2 = torch.cat([timesteps, timesteps]).to(latents.device)
+    micro-conditioning (SDXL_TIME_IDS); SD1.5 batches ignore it. `winners_only`: the winners alone, half the
+    compute, for a loss that never reads the losers (SFT, as DiffusionDPO's --sft feeds only the preferred image)."""
+    sides = 1 if winners_only else 2
+    latents = batch["w_latents"] if winners_only else torch.cat([batch["w_latents"], batch["l_latents"]])
+    noise2 = torch.cat([noise] * sides).to(latents)
+    t2 = torch.cat([timesteps] * sides).to(latents.device)
     noisy = scheduler.add_noise(latents, noise2, t2)
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
@@ -171,16 +175,19 @@ def pair_forward(
     if "pooled_prompt_embeds" in batch:  # SDXL: pooled text + time ids
         pooled = batch["pooled_prompt_embeds"]
         added = {
-            "text_embeds": torch.cat([pooled, pooled]).to(dtype),
-            "time_ids": sdxl_time_ids(batch, time_ids).to(dtype),
+            "text_embeds": torch.cat([pooled] * sides).to(dtype),
+            "time_ids": sdxl_time_ids(batch, time_ids)[: len(latents)].to(dtype),
         }
     pred = unet(
         noisy.to(dtype),
         t2,
-        encoder_hidden_states=torch.cat([prompt, prompt]).to(dtype),
+        encoder_hidden_states=torch.cat([prompt] * sides).to(dtype),
         added_cond_kwargs=added,
     ).sample
-    err_w, err_l = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3)).chunk(2)
+    errors = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+    if winners_only:
+        return PairOutput(errors, None, pred, target)
+    err_w, err_l = errors.chunk(2)
     return PairOutput(err_w, err_l, pred, target)
 
 

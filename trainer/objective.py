@@ -69,6 +69,11 @@ class Objective:
         return self.loss not in REFERENCE_FREE
 
     @property
+    def needs_losers(self) -> bool:
+        """SFT reads only the winners' errors: its policy pass skips the losers (half the step's compute)."""
+        return self.loss != "sft"
+
+    @property
     def needs_mismatched_pass(self) -> bool:
         return self.loss == "kto" and self.kto_reference_point == "mismatched"
 
@@ -84,7 +89,9 @@ class Objective:
         """The loss of one micro-batch and its metrics (detached batch means). `mismatched` = (policy, reference)
         errors of the mismatched pass for KTO; `mean_over_processes` averages KTO's reference point across ranks."""
         err_w, err_l = policy.errors
-        stats = {"policy_err_w": err_w.detach().mean(), "policy_err_l": err_l.detach().mean()}
+        stats = {"policy_err_w": err_w.detach().mean()}
+        if err_l is not None:
+            stats["policy_err_l"] = err_l.detach().mean()
         if reference is None:
             return PAIR_LOSSES[self.loss](err_w, err_l, None, None, beta=self.beta, **self.params), stats
         ref_w, ref_l = reference.errors

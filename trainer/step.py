@@ -111,7 +111,15 @@ def micro_batch_loss(trainer: Trainer, batch: dict) -> tuple[torch.Tensor, dict[
             if objective.needs_mismatched_pass
             else None
         )
-        pol = pair_forward(trainer.unet, models.scheduler, batch, noise, timesteps, models.sdxl_time_ids)
+        pol = pair_forward(
+            trainer.unet,
+            models.scheduler,
+            batch,
+            noise,
+            timesteps,
+            models.sdxl_time_ids,
+            winners_only=not objective.needs_losers,
+        )
     return objective(
         pol,
         ref,
