@@ -226,7 +226,7 @@ def diffusion_loss(
     beta: float | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
-    """Plain denoising on both images of each pair; used to pretrain the tiny reference UNet."""
+    """Plain denoising on both images of each pair."""
     return reduce(0.5 * (_wide(model_err_w) + _wide(model_err_l)), reduction)
 
 
@@ -379,7 +379,7 @@ LOSS_DEFAULTS: dict[str, LossDefaults] = {
         "AIDC-AI/Diffusion-SDPO scripts/train/sd15_dspo.sh (μ)",
     ),
     "sft": LossDefaults(source="SalesforceAIResearch/DiffusionDPO --sft"),
-    "diffusion": LossDefaults(source="plain denoising (pretraining the tiny reference)"),
+    "diffusion": LossDefaults(source="plain denoising of both images"),
 }
 
 
