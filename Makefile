@@ -94,8 +94,9 @@ demo: models/tiny-sd15/.pretrained data/encoded/tiny-sd15/train/manifest.json \
 	  --val-data data/encoded/tiny-sd15/validation --defects data/synthetic/validation/loser_defects.json \
 	  --model models/tiny-sd15 --output-dir runs/demo --overwrite-output-dir
 
-# The README's robustness table: the demo config on 5 preference-set seeds it was not tuned on x 2 training-set sizes,
-# against the one pretrained reference (resumable: finished runs are kept in build/robustness/results.jsonl).
+# The README's robustness table: the demo config on 5 preference-set seeds that did not tune its learning rate x 2
+# training-set sizes, against the one pretrained reference (resumable: finished runs are kept in
+# build/robustness/results.jsonl).
 robustness: models/tiny-sd15/.pretrained
 	$(PY) -m bench.robustness --work build/robustness --out build/robustness/table.md
 

@@ -1,4 +1,4 @@
-"""`make robustness`: held-out DPO accuracy of the demo config over preference sets it was not tuned on.
+"""`make robustness`: held-out DPO accuracy of the demo config over preference sets its learning rate was not tuned on.
 
 For every (seed, training rows): a synthetic Pick-a-Pic set (plus 400 validation rows) from that seed, encoded
 with the default encode config, DPO with configs/demo.toml against the pretrained reference of `make models`, and the
@@ -144,7 +144,7 @@ def arguments() -> argparse.ArgumentParser:
         type=int,
         nargs="+",
         default=[16, 17, 18, 19, 20],
-        help="preference-set seeds (none tuned on)",
+        help="preference-set seeds (default: not used to tune the learning rate)",
     )
     parser.add_argument(
         "--rows",
