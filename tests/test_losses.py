@@ -20,6 +20,7 @@ from trainer.losses import (
     LOSS_NAMES,
     PAIR_LOSSES,
     REFERENCE_FREE,
+    WINNERS_ONLY,
     cdpo_loss,
     default_beta,
     diffusion_loss,
@@ -345,6 +346,7 @@ def test_registry_covers_every_name() -> None:
     assert set(PAIR_LOSSES) == set(HAND)
     assert set(LOSS_NAMES) == set(HAND) | {"kto", "dspo"}
     assert REFERENCE_FREE.issubset(PAIR_LOSSES)
+    assert WINNERS_ONLY <= REFERENCE_FREE  # the reference pass always runs over both sides
     assert set(LOSS_DEFAULTS) == set(LOSS_NAMES)
     assert default_beta("dmpo", "sdxl") == 6000.0 and default_beta("mapo", "sd15") == 0.1
 

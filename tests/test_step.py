@@ -168,9 +168,8 @@ def test_sft_step_is_one_pass_over_the_winners(family: str, request: pytest.Fixt
     noisy = trainer.models.scheduler.add_noise(batch["w_latents"], noise, timesteps)
     added = None
     if family == "sdxl":
-        target_size = batch["w_time_ids"][
-            :, 4:6
-        ]  # the default constant micro-conditioning: (R, R, 0, 0, R, R)
+        # the default constant micro-conditioning: (R, R, 0, 0, R, R)
+        target_size = batch["w_time_ids"][:, 4:6]
         time_ids = torch.cat([target_size, torch.zeros_like(target_size), target_size], dim=1)
         added = {"text_embeds": batch["pooled_prompt_embeds"], "time_ids": time_ids}
     with torch.no_grad():

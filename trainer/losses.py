@@ -325,6 +325,7 @@ PAIR_LOSSES: dict[str, PairLoss] = {
 }
 LOSS_NAMES = TRAIN_LOSSES  # the --loss choices (schemas.config); test_losses checks each is implemented here
 REFERENCE_FREE = frozenset({"mapo", "sft", "diffusion"})
+WINNERS_ONLY = frozenset({"sft"})  # losses that never read the losers' errors: no loser pass at all
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from trainer.losses import (
     LOSS_DEFAULTS,
     PAIR_LOSSES,
     REFERENCE_FREE,
+    WINNERS_ONLY,
     default_beta,
     dpo_logits,
     dspo_loss,
@@ -70,8 +71,8 @@ class Objective:
 
     @property
     def needs_losers(self) -> bool:
-        """SFT reads only the winners' errors: its policy pass skips the losers (half the step's compute)."""
-        return self.loss != "sft"
+        """A winners-only loss (SFT) skips the losers in its policy pass: half the step's compute."""
+        return self.loss not in WINNERS_ONLY
 
     @property
     def needs_mismatched_pass(self) -> bool:
