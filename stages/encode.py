@@ -29,10 +29,12 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -285,16 +287,24 @@ def start_progress(out: str, plan: list[tuple[int, list[str]]], scan: Prescan, c
     return progress
 
 
+def default_pool_size(resources: dict[str, float], local_cores: int | None) -> int:
+    """Encoder actors when --num-encoders is 0: one per GPU, else one per 2 CPUs (each runs two torch threads).
+    `local_cores`: the cores of this machine when the cluster is the private one init_ray started, which
+    advertises at least 4 CPUs however few the machine has; two 2-thread actors on 2 cores only take turns (the
+    demo's 2,687 pairs: 60-63 s with two, 44-53 s with one)."""
+    if resources.get("GPU"):
+        return int(resources["GPU"])
+    return max(1, (local_cores or int(resources.get("CPU", 2))) // 2)
+
+
 def model_stage(
-    config: EncodeConfig, num_encoders: int, batch_size: int, **constructor_kwargs: Any
+    config: EncodeConfig, size: int, batch_size: int, **constructor_kwargs: Any
 ) -> dict[str, Any]:
     """map_batches kwargs of a model actor stage (text encoder, VAE): `config`'s model and dtype, two torch threads
-    per actor, and an actor pool of one per GPU, else one per 2 CPUs; `num_encoders` overrides the pool size."""
+    per actor, a pool of `size` actors, each on a GPU where the cluster has them."""
     import ray
 
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    size = num_encoders or (gpus if gpus else max(1, int(resources.get("CPU", 2)) // 2))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
     model = {"model": str(Path(config.model).resolve()), "dtype": config.dtype, "num_threads": 2}
     return {
         "batch_size": batch_size,
@@ -304,8 +314,13 @@ def model_stage(
     }
 
 
-def encode_text(config: EncodeConfig, out: str, captions: set[str]) -> None:
-    """Encode the captions no published text part holds yet, into one new part."""
+def text_job(
+    config: EncodeConfig, out: str, captions: set[str], report: Callable[[str], None]
+) -> Callable[[], None] | None:
+    """A job that encodes the captions no published text part holds yet into one new part; None if there are none.
+    Its dataset is built here, in the caller's thread, because Ray Data copies the DataContext (here: no
+    checkpointing) into a dataset when it is created: the job can then run in another thread beside the pair
+    chunks, whose context checkpoints."""
     import ray
     from ray.data import DataContext
 
@@ -317,7 +332,7 @@ def encode_text(config: EncodeConfig, out: str, captions: set[str]) -> None:
     known = {k for p in parts for k in p["keys"]}
     todo = sorted(c for c in captions | {EMPTY_CAPTION} if caption_key(c) not in known)
     if not todo:
-        return
+        return None
     k = len(parts)
     part_dir = storage.join(text_dir, f"part_{k:05d}")
     storage.remove(
@@ -327,16 +342,35 @@ def encode_text(config: EncodeConfig, out: str, captions: set[str]) -> None:
     ctx = DataContext.get_current()
     ctx.checkpoint_config = None
     ctx.execution_options.preserve_order = True  # reproducible tars: rows reach them in input order
-    (
+    dataset = (
         ray.data.from_items([{"caption": c} for c in todo])
         .map_batches(CaptionEncoder, **model_stage(config, 1, config.text_batch_size))
         .repartition(target_num_rows_per_block=config.text_shard_size, strict=True)
-        .write_datasink(
+    )
+
+    def write() -> None:
+        dataset.write_datasink(
             ShardWriter(path, ShardNames("text", 0), config.text_shard_size, filesystem=filesystem)
         )
-    )
-    part = commit_part(part_dir, TEXT_MEMBERS, {"captions": len(todo)})
-    print(f"encode: text part {k}: {part['num_samples']} caption embeddings", flush=True)
+        part = commit_part(part_dir, TEXT_MEMBERS, {"captions": len(todo)})
+        report(f"encode: text part {k}: {part['num_samples']} caption embeddings")
+
+    return write
+
+
+def in_background(job: Callable[[], None]) -> Future:
+    """`job` in a daemon thread: an encode that fails or is interrupted exits without waiting for it (an
+    uncommitted text part is redone by the rerun)."""
+    future: Future = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(job())
+        except BaseException as e:  # handed to whoever waits on the future
+            future.set_exception(e)
+
+    threading.Thread(target=target, name="encode-text", daemon=True).start()
+    return future
 
 
 def encode_chunk(
@@ -464,8 +498,6 @@ def text_shapes(out: str, entry: ShardEntry) -> tuple[list[int], int | None]:
 
 def write_manifest(config: EncodeConfig, model_dir: str, out: str, chunks: list[dict[str, Any]]) -> Manifest:
     """Publish the manifest over all `chunks`; zero pairs is an error, never an empty manifest."""
-    from diffusers import AutoencoderKL
-
     shards = [
         ShardEntry(f"pairs/{c['dir']}/{s['path']}", s["num_samples"]) for c in chunks for s in c["shards"]
     ]
@@ -478,7 +510,7 @@ def write_manifest(config: EncodeConfig, model_dir: str, out: str, chunks: list[
     text_shards = [
         ShardEntry(f"text/{p['dir']}/{s['path']}", s["num_samples"]) for p in texts for s in p["shards"]
     ]
-    vae = AutoencoderKL.load_config(model_dir, subfolder="vae")
+    vae = storage.read_json(str(Path(model_dir) / "vae" / "config.json"))  # not diffusers: seconds of imports
     down = 2 ** (len(vae["block_out_channels"]) - 1)
     text_shape, pooled = text_shapes(out, text_shards[0])
     manifest = Manifest(
@@ -598,12 +630,22 @@ def run(config: EncodeConfig) -> Report | None:
             import ray
 
             storage.write_json(marker, output_config(config))
-            work = replace(config, model=model_dir)
-            encode_text(work, out, scan.captions)
+            local_cores = os.cpu_count() if started_ray else None
+            work = replace(
+                config,
+                model=model_dir,
+                num_encoders=config.num_encoders or default_pool_size(ray.cluster_resources(), local_cores),
+            )
             done, encoded_rows = [], 0
             counter = ray.remote(num_cpus=0)(RowCounter).remote()
             progress = start_progress(out, plan, scan, counter)
+            # The captions run beside the pair chunks rather than before them: the text actor's start (imports
+            # and weights) overlaps the decode (the demo's encodes: 10-15 s sooner each)
+            write_text = text_job(work, out, scan.captions, progress.print)
+            text_done = in_background(write_text) if write_text else None
             for k, chunk_files in plan:
+                if text_done is not None and text_done.done():
+                    text_done.result()  # a failed text job stops the run here, not after every chunk
                 name = f"chunk_{k:05d}"
                 part = load_part(storage.join(out, "pairs", name))
                 if part is None:
@@ -621,6 +663,8 @@ def run(config: EncodeConfig) -> Report | None:
                         storage.join(out, leftover)
                     )  # a kill between commit and clean-up leaves them
                 done.append({**part, "dir": name})
+            if text_done is not None:
+                text_done.result()
             progress.finish(counter)
             manifest = write_manifest(config, model_dir, out, done)
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,7 +30,7 @@ from schemas.sample import (
     pair_key,
     read_tar,
 )
-from stages.encode import main
+from stages.encode import default_pool_size, main
 from stages.progress import RowProgress
 from stages.read_pairs import list_parquet_files
 
@@ -236,12 +238,30 @@ def test_sd15_contract_drops_and_conversions(sd15_out: Path, messy_src: Path) ->
     assert len(Manifest.load(sd15_out).shards) >= 2 and (sd15_out / "pairs" / "chunk_00001").is_dir()
 
 
+def dataset_times(console: str) -> tuple[dict[str, float], dict[str, float], str]:
+    """From Ray Data's --verbose log lines: when each dataset started and finished, and which one was the text job."""
+    stamp = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
+
+    def times(pattern: str) -> dict[str, float]:
+        found = re.findall(stamp + pattern, console)
+        return {d: datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f").timestamp() for t, d in found}
+
+    text = re.search(r"Execution plan of Dataset (\S+?):.*CaptionEncoder", console)
+    assert text, console
+    return (
+        times(r".*Starting execution of Dataset (\S+?)\."),
+        times(r".*Dataset (\S+) execution finished"),
+        text[1],
+    )
+
+
 def test_two_fresh_encodes_publish_byte_identical_shards(
     sd15_out: Path, messy_src: Path, tiny_sd15: Path, ray_cluster, tmp_path: Path
 ) -> None:
     """Same input and config, a second fresh encode on the same two-node cluster with two encoder actors and
     --verbose: every published file (tar names and bytes, _part.json) is identical, and the manifests list the same
-    shards. --verbose brings Ray's own console lines back and changes nothing written."""
+    shards. --verbose brings Ray's own console lines back and changes nothing written; by their times, the caption
+    job was still running when the first pair chunk started (it runs beside the chunks, not before them)."""
     out = tmp_path / "again"
     args = [
         *messy_args(messy_src, out, tiny_sd15),
@@ -254,6 +274,8 @@ def test_two_fresh_encodes_publish_byte_identical_shards(
     r = encode(args, ray_cluster)
     assert r.returncode == 0, r.stderr[-3000:]
     assert RAY_NOISE.search(r.stdout + r.stderr), r.stdout + r.stderr
+    started, finished, text_dataset = dataset_times(r.stdout + r.stderr)
+    assert min(t for d, t in started.items() if d != text_dataset) < finished[text_dataset]
 
     def published(root: Path) -> dict[str, bytes]:
         return {
@@ -269,6 +291,46 @@ def test_two_fresh_encodes_publish_byte_identical_shards(
     assert [n for n in first if first[n] != second[n]] == []
     a, b = Manifest.load(sd15_out), Manifest.load(out)
     assert a.shards == b.shards and a.text_shards == b.text_shards
+
+
+def test_the_manifest_is_published_without_importing_diffusers(sd15_out: Path, tmp_path: Path) -> None:
+    """The driver publishes the manifest right after the last chunk; importing diffusers there just to read the
+    VAE's config.json cost seconds of CPU at the end of every encode. Republished from the same committed chunks in a
+    fresh process, the manifest is the same (but for its time) and diffusers was never imported."""
+    out = tmp_path / "out"
+    shutil.copytree(sd15_out, out)
+    before = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").unlink()
+    probe = (
+        "import json, sys; from pathlib import Path\n"
+        "from schemas.config import EncodeConfig\n"
+        "from stages.encode import published_parts, write_manifest\n"
+        "out = sys.argv[1]\n"
+        "config = EncodeConfig(**json.loads((Path(out) / 'manifest.json.before').read_text())['encode_config'])\n"
+        "write_manifest(config, config.model, out, published_parts(out + '/pairs', 'chunk_'))\n"
+        "print('diffusers' in sys.modules)\n"
+    )
+    (out / "manifest.json.before").write_text(json.dumps(before))
+    r = subprocess.run(
+        [sys.executable, "-c", probe, str(out)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "False"
+    after = json.loads((out / "manifest.json").read_text())
+    assert {k: v for k, v in after.items() if k != "created_at"} == {
+        k: v for k, v in before.items() if k != "created_at"
+    }
+
+
+def test_default_encoder_pool_follows_gpus_else_cores() -> None:
+    """One actor per GPU, else one per 2 CPUs; the private local cluster advertises at least 4 CPUs (so that Ray
+    Data's writes are not starved), but on a 2-core machine its pool is sized by the 2 real cores."""
+    assert default_pool_size({"CPU": 16.0, "GPU": 2.0}, None) == 2
+    assert default_pool_size({"CPU": 16.0}, None) == 8
+    assert default_pool_size({"CPU": 4.0}, None) == 2
+    assert default_pool_size({"CPU": 4.0}, 2) == 1
+    assert default_pool_size({"CPU": 8.0, "GPU": 1.0}, 2) == 1
+    assert default_pool_size({"CPU": 1.0}, None) == 1
 
 
 def test_rerun_is_a_noop_and_other_config_is_an_error(
