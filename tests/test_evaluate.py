@@ -116,6 +116,31 @@ def test_caption_gap_is_zero_for_a_unet_that_ignores_its_text(tiny_sd15: Path, l
     assert deaf["err_own_caption"] == deaf["err_other_caption"] and deaf["relative_gap"] == 0.0
 
 
+def test_caption_gap_is_one_pass_over_the_preferred_images(tiny_sd15: Path, latent_sd15: Path) -> None:
+    """Per draw the UNet sees the preferred images once under their own captions and once under the other ones,
+    2 x pairs samples (the losers, never scored, are not run); the errors are those of plain UNet calls by hand:
+    noise-prediction MSE under each caption, with the same noise and timestep."""
+    models, unet = evaluate_cli.load_for_eval(str(tiny_sd15), None, None)
+    seen: list[int] = []
+    hook = unet.register_forward_pre_hook(lambda _, args: seen.append(len(args[0])))
+    gap = evaluate_cli.caption_gap(unet, models.scheduler, latent_sd15, batch_size=12, max_pairs=12, draws=2)
+    hook.remove()
+    assert sum(seen) == 2 * 12 * 2 and gap["num_pairs"] == 12
+    batch = next(evaluate_cli.iter_eval_batches(latent_sd15, batch_size=12, max_pairs=12))
+    other = evaluate_cli._other_captions(batch["prompt_embeds"])
+    assert (other >= 0).all()
+    errors = {"own": torch.zeros(12), "other": torch.zeros(12)}
+    with torch.no_grad():
+        for draw in range(2):
+            noise, t = evaluate_cli.draw_eval_noise(batch, 1000, seed=0, draw=draw)
+            noisy = models.scheduler.add_noise(batch["w_latents"], noise, t)
+            for name, captions in (("own", batch["prompt_embeds"]), ("other", batch["prompt_embeds"][other])):
+                pred = unet(noisy, t, encoder_hidden_states=captions).sample
+                errors[name] += (pred - noise).pow(2).mean(dim=(1, 2, 3)) / 2
+    assert gap["err_own_caption"] == pytest.approx(float(errors["own"].mean()), rel=1e-5)
+    assert gap["err_other_caption"] == pytest.approx(float(errors["other"].mean()), rel=1e-5)
+
+
 def test_other_captions_picks_a_different_caption_or_none() -> None:
     prompts = torch.tensor([[1.0], [1.0], [2.0], [2.0], [1.0]])
     other = evaluate_cli._other_captions(prompts)

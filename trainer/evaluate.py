@@ -36,6 +36,7 @@ from trainer.model import (
     draw_eval_noise,
     load_models,
     pair_errors,
+    pair_forward,
     reference_errors,
     to_device,
 )
@@ -165,19 +166,25 @@ def caption_gap(
             keep = other >= 0
             if not keep.any():
                 continue
-            swapped = {
-                **batch,
-                "l_latents": batch["w_latents"],
-            }  # the preferred image twice: own caption, other
+            # one pass over the preferred images twice: under their own captions, then under the other ones
+            twice = {
+                name: torch.cat([batch[name]] * 2)
+                for name in ("w_latents", "w_time_ids", "l_time_ids")
+                if name in batch
+            }
             for name in ("prompt_embeds", "pooled_prompt_embeds"):
                 if name in batch:
-                    swapped[name] = batch[name][other.clamp(min=0).to(batch[name].device)]
+                    twice[name] = torch.cat(
+                        [batch[name], batch[name][other.clamp(min=0).to(batch[name].device)]]
+                    )
             for draw in range(draws):
                 noise, timesteps = draw_eval_noise(
                     batch, scheduler.config.num_train_timesteps, seed=seed, draw=draw
                 )
-                e_own, _ = pair_errors(unet, scheduler, batch, noise, timesteps)
-                e_wrong, _ = pair_errors(unet, scheduler, swapped, noise, timesteps)
+                errors = pair_forward(
+                    unet, scheduler, twice, noise.repeat(2, 1, 1, 1), timesteps.repeat(2), winners_only=True
+                ).err_w
+                e_own, e_wrong = errors.chunk(2)
                 own += float(e_own[keep].double().sum()) / draws
                 wrong += float(e_wrong[keep].double().sum()) / draws
             n += int(keep.sum())
