@@ -640,7 +640,7 @@ def run(config: EncodeConfig) -> Report | None:
             counter = ray.remote(num_cpus=0)(RowCounter).remote()
             progress = start_progress(out, plan, scan, counter)
             # The captions run beside the pair chunks rather than before them: the text actor's start (imports
-            # and weights) overlaps the decode (the demo's encodes: 10-15 s sooner each)
+            # and weights) overlaps the decode (the demo's encodes: 7-12 s sooner each)
             write_text = text_job(work, out, scan.captions, progress.print)
             text_done = in_background(write_text) if write_text else None
             for k, chunk_files in plan:
