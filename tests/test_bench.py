@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from bench import gpu
+from bench.run import run_cli
 
 
 def test_architectures_have_the_published_parameter_counts() -> None:
@@ -58,3 +60,24 @@ def test_robustness_table_has_mean_spread_minimum_and_names_the_runs_below_goal(
     assert cells[4] == f"{statistics.stdev([0.80, 0.74]):.3f}" and cells[5] == "0.740"
     assert cells[6:] == ["0.700", "0.800", "0.900"]
     assert "3 of 4 runs reach 0.75: seed 12 × 2000 rows: 0.740" in table
+
+
+def test_peak_rss_is_the_childs_own_not_the_parents(tmp_path: Path) -> None:
+    """A child that touches 64 MiB, run while this process holds 512 MiB more: its peak must be its own. rusage's
+    ru_maxrss would start from this process's resident size at fork and report over 512 MiB."""
+    (tmp_path / "rss_child.py").write_text(
+        textwrap.dedent(
+            """
+            import time
+            block = bytearray(64 << 20)
+            block[::4096] = b"x" * len(block[::4096])
+            time.sleep(1.0)
+            print("{}")
+            """
+        )
+    )
+    held = bytearray(512 << 20)
+    held[::4096] = b"x" * len(held[::4096])
+    result = run_cli(["rss_child"], env={"PYTHONPATH": str(tmp_path)})
+    assert 64 <= result["peak_rss_mib"] < 256, result
+    del held
