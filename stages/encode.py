@@ -373,6 +373,21 @@ def in_background(job: Callable[[], None]) -> Future:
     return future
 
 
+def undo_half_moved_commits(ckpt: str) -> None:
+    """Ray commits a write task's checkpoint by moving `X.pending.parquet` to `X.parquet`, which on object storage
+    is a copy and then a delete. A kill between the two leaves both, and Ray's restart then deletes the task's tars
+    (a pending file marks them unfinished) but keeps the committed ids: those rows would be missing from OUT.
+    Removing the committed twin makes the restart encode them again instead."""
+    from ray.data.checkpoint.checkpoint_writer import PENDING_CHECKPOINT_SUFFIX
+
+    pending_end = f"{PENDING_CHECKPOINT_SUFFIX}.parquet"
+    names = set(storage.list_names(ckpt))
+    for name in names:
+        committed = name.removesuffix(pending_end) + ".parquet"
+        if name.endswith(pending_end) and committed in names:
+            storage.remove(storage.join(ckpt, committed))
+
+
 def encode_chunk(
     config: EncodeConfig, out: str, k: int, fmt: PairFormat, files: list[str], scan: Prescan, counter: Any
 ) -> dict[str, Any]:
@@ -392,6 +407,7 @@ def encode_chunk(
     if not storage.exists(ckpt):  # no committed rows: whatever a killed run left is unaccounted for
         storage.remove(part_dir)
         storage.remove(drops_dir)
+    undo_half_moved_commits(ckpt)
     storage.write_json(ckpt + ".json", {"files": files})
     names = ShardNames(
         "pairs", next_attempt("pairs", storage.list_names(part_dir) + storage.list_names(ckpt))
