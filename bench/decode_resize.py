@@ -11,6 +11,7 @@ CLI: python -m bench.decode_resize [--resolution 512 1024] [--repeat 3]
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import tempfile
 import time
@@ -35,6 +36,27 @@ VAE_GFLOP = {512: 1117.0, 1024: 4879.0}
 GPUS = {"H100 SXM": 989.4, "A100": 312.0}
 ASSUMED_MFU = 0.40
 VAE_IMAGES_PER_DECODE = 2  # each decoded image is encoded twice: as is and flipped
+GPU_REPORT = Path(__file__).resolve().parents[1] / "BENCHMARKS_GPU.md"
+
+
+def measured_vae_rates(report: Path = GPU_REPORT) -> tuple[str, dict[int, float]]:
+    """(GPU name, resolution → best VAE images/s) from the VAE table of the `make bench-gpu` report, so that a
+    regenerated BENCHMARKS.md keeps the measured rows; ("", {}) when no GPU run is recorded."""
+    if not report.exists():
+        return "", {}
+    text = report.read_text()
+    device = re.search(r"NVIDIA (\w+)", text)
+    section = text.partition("## VAE encode")[2].partition("\n## ")[0]
+    rates: dict[int, float] = {}
+    for line in section.splitlines():
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and cells[1].isdigit():
+            try:
+                rate = float(cells[3].replace(",", ""))
+            except ValueError:  # a failed row ("(benchmark stopped)") has no rate
+                continue
+            rates[int(cells[1])] = max(rate, rates.get(int(cells[1]), 0.0))
+    return (device[1] if device else "GPU"), rates
 
 
 def sources(seed: int = 0) -> dict[str, bytes]:
@@ -121,13 +143,30 @@ def section(result: dict, resolutions: tuple[int, ...], repeat: int) -> str:
                 f"{max(d['latent_rel'] for d in devs):.3f}",
             ]
         )
+    measured_gpu, measured = measured_vae_rates()
     core_rows = []
+    for r in resolutions:
+        after = result["mix"][(r, "after (official)")]
+        if r in measured:
+            decodes = measured[r] / VAE_IMAGES_PER_DECODE
+            cells = [
+                f"{measured_gpu} (measured)",
+                f"{measured[r]:,.1f}",
+                f"{decodes:,.0f}",
+                f"{decodes / after:.1f}",
+            ]
+            core_rows.append([r, *(f"**{c}**" for c in cells)])
     for r in resolutions:
         after = result["mix"][(r, "after (official)")]
         for gpu, (vae_rate, cores) in cores_per_gpu(after, r).items():
             core_rows.append(
                 [r, gpu, f"{vae_rate:,.0f}", f"{vae_rate / VAE_IMAGES_PER_DECODE:,.0f}", f"{cores:.1f}"]
             )
+    source = (
+        f"The {measured_gpu} rows are measured (`make bench-gpu`, BENCHMARKS_GPU.md); the others assume"
+        if measured
+        else "Assumed GPU throughput:"
+    )
     return (
         "### Decode + resize + center crop per core: official path vs the fast path it replaced\n\n"
         f"`python -m bench.decode_resize --resolution {' '.join(map(str, resolutions))} --repeat {repeat}` — "
@@ -155,9 +194,9 @@ def section(result: dict, resolutions: tuple[int, ...], repeat: int) -> str:
         + "\n\n#### CPU cores per GPU to keep the VAE busy (official path)\n\n"
         f"VAE encoder FLOPs per image counted by torch's FlopCounterMode on the SD VAE architecture: "
         f"{VAE_GFLOP[512]:,.0f} GFLOP at 512² (1,082 outside the mid-block attention) and {VAE_GFLOP[1024]:,.0f} "
-        "at 1024². Assumed GPU throughput: NVIDIA's dense BF16 datasheet peaks (H100 SXM5 989.4 TFLOP/s, A100 "
-        f"312 TFLOP/s) at {ASSUMED_MFU:.0%} MFU — an assumption, not a measurement (no GPU has been lent; "
-        "`make bench-gpu` measures the VAE's real rate and MFU). Each decoded image feeds two VAE images (plain "
+        f"at 1024². {source} NVIDIA's dense BF16 datasheet peaks (H100 SXM5 989.4 TFLOP/s, A100 "
+        f"312 TFLOP/s) at {ASSUMED_MFU:.0%} MFU, an assumption (`make bench-gpu` measures the VAE's real rate "
+        "and MFU). Each decoded image feeds two VAE images (plain "
         "and flipped), so cores = VAE images/s ÷ 2 ÷ the *after* mix rate per core. Parquet reading, Ray and "
         "tar writing come on top; the decode dominates.\n\n"
         + table(["R", "GPU", "VAE images/s", "decodes/s needed", "CPU cores per GPU"], core_rows)

@@ -307,7 +307,7 @@ def bench_flip_gap() -> str:
         "Relative L2 error ‖flip(E(x)) − E(flip(x))‖ / ‖E(x)‖ of the posterior mean on 16 synthetic images with "
         f"the tiny random-init VAE: **{gap:.2f}**. A conv VAE with arbitrary weights is not flip-equivariant, "
         "so the encoder caches E(flip(x)) (exact, twice the offline VAE work) instead of flipping latents. "
-        "The gap for the real SD VAE could not be measured here (no weights reachable, no GPU lent)."
+        "The gap for the real SD VAE could not be measured (no weights reachable, here or on any GPU machine lent so far)."
     )
 
 

@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from bench import gpu
+from bench.decode_resize import measured_vae_rates
 from bench.run import run_cli
 
 
@@ -41,6 +42,11 @@ def test_tiny_run_writes_every_table(tmp_path: Path) -> None:
         len(rows) == 4 + 1 + 4 + 2
     )  # step variants + overhead, on-the-fly, optimizer × checkpointing, fp16/bf16
     assert not any("failed" in row or "error" in row.lower() for row in rows)
+    # make bench reads the VAE rates back from this report for its cores-per-GPU table
+    cells = [[c.strip() for c in row.split("|")[1:-1]] for row in rows]
+    vae_rows = [c for c in cells if c[2] in ("fp16", "bf16")]
+    best = {int(c[1]): max(float(d[3]) for d in vae_rows if d[1] == c[1]) for c in vae_rows}
+    assert len(vae_rows) == 2 and measured_vae_rates(out) == ("GPU", best)
 
 
 def test_robustness_table_has_mean_spread_minimum_and_names_the_runs_below_goal() -> None:
