@@ -156,8 +156,6 @@ def section(result: dict, resolutions: tuple[int, ...], repeat: int) -> str:
                 f"{decodes / after:.1f}",
             ]
             core_rows.append([r, *(f"**{c}**" for c in cells)])
-    for r in resolutions:
-        after = result["mix"][(r, "after (official)")]
         for gpu, (vae_rate, cores) in cores_per_gpu(after, r).items():
             core_rows.append(
                 [r, gpu, f"{vae_rate:,.0f}", f"{vae_rate / VAE_IMAGES_PER_DECODE:,.0f}", f"{cores:.1f}"]
