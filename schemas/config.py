@@ -36,6 +36,15 @@ KTO_REFERENCE_POINTS = ("mismatched", "batch")
 OPTIMIZERS = ("adamw", "adafactor")
 MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
 SDXL_TIME_IDS = ("constant", "image")
+# speed options of the step (trainer/speed.py, trainer/optim.py)
+COMPILE_MODES = (
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+    "max-autotune-no-cudagraphs",
+)  # torch.compile's
+ADAMW_IMPLS = ("default", "foreach", "fused")  # default: torch's own choice (foreach on GPU, a loop on CPU)
+ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")  # scaled_dot_product_attention kernels
 
 
 def option(
@@ -240,6 +249,18 @@ class TrainConfig:
         False, "recompute UNet activations in backward: less memory, more time"
     )
     allow_tf32: bool = option(True, "TF32 matmuls and convolutions on GPUs that have them")
+    # speed: each computes the same step up to rounding; off until measured (BENCHMARKS_GPU.md)
+    compile: bool = option(False, "torch.compile the policy and reference UNets (inductor)")
+    compile_mode: str = option("default", "torch.compile mode, with --compile", choices=COMPILE_MODES)
+    channels_last: bool = option(False, "UNet weights and activations in channels-last (NHWC) memory format")
+    adamw_impl: str = option(
+        "default", "AdamW kernel: default (torch's choice), foreach or fused", choices=ADAMW_IMPLS
+    )
+    attention_backend: str = option(
+        "auto",
+        "scaled_dot_product_attention kernel (auto: torch's choice per call)",
+        choices=ATTENTION_BACKENDS,
+    )
     lora_rank: int = option(
         0, "0: full fine-tune; > 0: LoRA of this rank, reference = adapters disabled", minimum=0
     )
@@ -282,6 +303,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = field_problems(self, optional=("model",) if self.data_only else ())
+        if self.adamw_impl != "default" and self.optimizer != "adamw":
+            problems.append(f"--adamw-impl applies to --optimizer adamw only, not {self.optimizer}")
+        if self.compile_mode != "default" and not self.compile:
+            problems.append("--compile-mode needs --compile")
         if self.sdpo_mu and self.loss not in SDPO_LOSSES:
             problems.append(f"--sdpo-mu wraps --loss {'/'.join(sorted(SDPO_LOSSES))} only, not {self.loss}")
         check(self, problems)

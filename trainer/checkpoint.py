@@ -197,6 +197,7 @@ def load_checkpoint(
         )
     # hyper-parameters (lr, betas, weight decay, ...) are the command line's: the checkpoint supplies only state
     optimizer.load_state_dict({"state": per_param, "param_groups": optimizer.state_dict()["param_groups"]})
+    in_parameter_layouts(optimizer)
     sched = dict(state["lr_scheduler"])
     sched["lr_lambdas"] = [None] * len(sched["base_lrs"])
     sched["base_lrs"] = [group["initial_lr"] for group in optimizer.param_groups]
@@ -211,6 +212,18 @@ def load_checkpoint(
     if accelerator.scaler is not None and state.get("grad_scaler"):
         accelerator.scaler.load_state_dict(state["grad_scaler"])
     return TrainState.from_json(state)
+
+
+def in_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded moment its parameter's memory layout (checkpoints store them contiguous): the fused AdamW
+    kernel walks parameter and moments as flat memory, so a channels-last weight beside a contiguous moment would
+    be updated with another element's moments."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def export_final(
@@ -241,6 +254,8 @@ def export_final(
             unet.unload_lora()
         unet_tmp = final / "unet.tmp"
         shutil.rmtree(unet_tmp, ignore_errors=True)
+        # safetensors stores contiguous tensors only: a channels-last run ends here, so convert in place
+        unet.to(memory_format=torch.contiguous_format)
         unet.save_pretrained(unet_tmp, safe_serialization=True)
         publish_dir(unet_tmp, final / "unet")
     accelerator.wait_for_everyone()

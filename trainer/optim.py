@@ -24,12 +24,15 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     params = list(params)
     if cfg.optimizer == "adamw":
+        # one multi-tensor kernel per group (foreach) or one fused kernel; the same update up to rounding
+        kernel = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(cfg.adamw_impl, {})
         return torch.optim.AdamW(
             params,
             lr=lr,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             weight_decay=cfg.adam_weight_decay,
             eps=cfg.adam_epsilon,
+            **kernel,
         )
     if cfg.optimizer == "adafactor":  # the official SDXL choice: fixed lr, update clipping at 1.0
         return Adafactor(

@@ -51,6 +51,7 @@ from trainer.run_dir import (
     lock_output_dir,
     model_id,
 )
+from trainer.speed import attention_backend, compile_in_place, to_channels_last
 from trainer.step import Trainer, train_step
 
 # accelerate only treats torchrun's processes as one CPU job (gloo) when told cpu=True
@@ -146,6 +147,10 @@ def build_trainer(cfg: TrainConfig, accelerator: Accelerator, stop: StopRequest 
     )
     if models.reference is not None:
         models.reference.to(accelerator.device)  # frozen, so never prepared (no DDP, no optimizer)
+    if cfg.channels_last:
+        to_channels_last(models.policy, models.reference)
+    if cfg.compile:
+        compile_in_place(cfg.compile_mode, accelerator.device, models.policy, models.reference)
     lr = effective_lr(cfg, accelerator.num_processes)
     optimizer = build_optimizer((p for p in models.policy.parameters() if p.requires_grad), cfg, lr)
     lr_scheduler = build_lr_scheduler(optimizer, cfg)
@@ -354,7 +359,7 @@ def train(cfg: TrainConfig) -> int:
     accelerator = make_accelerator(cfg)
     start = preflight(cfg, accelerator.num_processes)
     accelerator.wait_for_everyone()  # every rank checked the directory before the main process claims it
-    with StopRequest() as stop:
+    with StopRequest() as stop, attention_backend(cfg.attention_backend):
         lock = lock_output_dir(cfg.output_dir) if accelerator.is_main_process else None
         try:
             if accelerator.is_main_process:
