@@ -47,15 +47,19 @@ def measured_vae_rates(report: Path = GPU_REPORT) -> tuple[str, dict[int, float]
     text = report.read_text()
     device = re.search(r"NVIDIA (\w+)", text)
     section = text.partition("## VAE encode")[2].partition("\n## ")[0]
+    lines = [line for line in section.splitlines() if line.strip().startswith("|")]
+    if not lines:
+        return "", {}
+    headers = [c.strip() for c in lines[0].strip().strip("|").split("|")]
+    at_resolution, at_rate = headers.index("resolution"), headers.index("images/s")
     rates: dict[int, float] = {}
-    for line in section.splitlines():
+    for line in lines[2:]:
         cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 4 and cells[1].isdigit():
-            try:
-                rate = float(cells[3].replace(",", ""))
-            except ValueError:  # a failed row ("(benchmark stopped)") has no rate
-                continue
-            rates[int(cells[1])] = max(rate, rates.get(int(cells[1]), 0.0))
+        try:
+            resolution, rate = int(cells[at_resolution]), float(cells[at_rate].replace(",", ""))
+        except (ValueError, IndexError):  # a failed row has no rate
+            continue
+        rates[resolution] = max(rate, rates.get(resolution, 0.0))
     return (device[1] if device else "GPU"), rates
 
 
