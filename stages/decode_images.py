@@ -12,6 +12,7 @@ failing the job; odd but valid images (grayscale, CMYK, palette, alpha, extreme 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import uuid
 from dataclasses import dataclass
@@ -165,6 +166,12 @@ def winner_first(label_0: float) -> bool:
     return label_0 >= 0.5
 
 
+def image_key(data: bytes | None) -> str:
+    """What identifies an image for reuse: its bytes (SHA-1), not its uid, so a uid that a dataset got wrong can
+    never give one image another's latents; a recurring Pick-a-Pic uid holds the same bytes, so it reuses alike."""
+    return hashlib.sha1(data or b"").hexdigest()
+
+
 def decode_pairs(
     batch: dict[str, np.ndarray],
     *,
@@ -173,26 +180,34 @@ def decode_pairs(
     preprocess: str = "official",
     alpha: str = "convert",
 ) -> dict[str, np.ndarray]:
-    """Ray `map_batches` UDF: parquet columns → ranking_id, json (PairMeta bytes), w, l (uint8 [N, R, R, 3]).
+    """Ray `map_batches` UDF: parquet columns → ranking_id, json (PairMeta bytes), w, l (uint8 [N, R, R, 3]) and
+    w_image, l_image (each image's `image_key`, so the VAE stage encodes a recurring image once).
 
-    Dropped rows are recorded as `{ranking_id: reason}` in a fresh JSON file under `drops_dir`, so retried or
-    resumed tasks only ever add duplicates, which the chunk finaliser removes by ranking_id.
+    An image that recurs in the batch is decoded once. Dropped rows are recorded as `{ranking_id: reason}` in a
+    fresh JSON file under `drops_dir`, so retried or resumed tasks only ever add duplicates, which the chunk
+    finaliser removes by ranking_id.
     """
-    out: dict[str, list] = {"ranking_id": [], "json": [], "w": [], "l": []}
+    out: dict[str, list] = {"ranking_id": [], "json": [], "w": [], "l": [], "w_image": [], "l_image": []}
     drops: dict[str, str] = {}
+    decoded: dict[str, tuple[np.ndarray, ImageMeta]] = {}
+
+    def decode_once(data: bytes | None) -> tuple[str, tuple[np.ndarray, ImageMeta]]:
+        key = image_key(data)
+        if key not in decoded:
+            decoded[key] = decode_image(data, resolution, preprocess=preprocess, alpha=alpha)
+        return key, decoded[key]
+
     for i, rid in enumerate(batch["ranking_id"]):
         rid = int(rid)
         label_0 = float(batch["label_0"][i])
         order = (0, 1) if winner_first(label_0) else (1, 0)
         try:
-            decoded = [
-                decode_image(batch[f"jpg_{j}"][i], resolution, preprocess=preprocess, alpha=alpha)
-                for j in order
-            ]
+            (w_key, (w_px, w_meta)), (l_key, (l_px, l_meta)) = (
+                decode_once(batch[f"jpg_{j}"][i]) for j in order
+            )
         except ImageDropped as e:
             drops[str(rid)] = e.reason
             continue
-        (w_px, w_meta), (l_px, l_meta) = decoded
         meta = PairMeta(
             ranking_id=rid,
             caption_key=caption_key(str(batch["caption"][i])),
@@ -204,6 +219,8 @@ def decode_pairs(
         out["json"].append(meta.to_json_bytes())
         out["w"].append(w_px)
         out["l"].append(l_px)
+        out["w_image"].append(w_key)
+        out["l_image"].append(l_key)
     if drops and drops_dir is not None:
         storage.write_json(storage.join(drops_dir, f"{uuid.uuid4().hex}.json"), drops)
     empty = np.zeros((0, resolution, resolution, 3), np.uint8)
@@ -212,6 +229,8 @@ def decode_pairs(
         "json": np.asarray(out["json"], dtype=object),
         "w": np.stack(out["w"]) if out["w"] else empty,
         "l": np.stack(out["l"]) if out["l"] else empty,
+        "w_image": np.asarray(out["w_image"], dtype=object),
+        "l_image": np.asarray(out["l_image"], dtype=object),
     }
 
 

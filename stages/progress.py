@@ -19,16 +19,24 @@ LOG_INTERVAL_S = 30.0
 
 
 class RowCounter:
-    """A Ray actor the pipeline reports encoded rows to, polled by the driver for `RowProgress`."""
+    """A Ray actor the pipeline reports encoded rows to, polled by the driver for `RowProgress`; the VAE actors
+    also report the images they encoded (each view counted), for the report's `vae_images`."""
 
     def __init__(self) -> None:
         self.rows = 0
+        self.images = 0
 
     def add(self, rows: int) -> None:
         self.rows += rows
 
     def count(self) -> int:
         return self.rows
+
+    def add_vae_images(self, images: int) -> None:
+        self.images += images
+
+    def vae_images(self) -> int:
+        return self.images
 
 
 def count_rows(batch: dict[str, Any], counter: Any) -> dict[str, Any]:

@@ -65,3 +65,70 @@ def test_the_driver_imports_the_model_stages_without_diffusers_or_transformers()
         check=True,
     )
     assert out.stdout.strip() == "[]"
+
+
+def _decoded_batches(parquet_dir: Path, batch_rows: int) -> tuple[list[dict], set[str]]:
+    """The decode stage's output over a synthetic split, in input order, and the split's unique image uids as
+    Pick-a-Pic's own columns give them (the oracle: the encoder never sees the uids)."""
+    import pyarrow.parquet as pq
+
+    from stages.decode_images import decode_pairs
+
+    table = pq.read_table(sorted(parquet_dir.glob("*.parquet")))
+    columns = ("ranking_id", "caption", "jpg_0", "jpg_1", "label_0", "image_0_uid", "image_1_uid")
+    rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
+    batches = []
+    for start in range(0, table.num_rows, batch_rows):
+        batch = {c: v[start : start + batch_rows] for c, v in rows.items()}
+        batches.append(decode_pairs(batch, resolution=64))
+    uids = set(rows["image_0_uid"]) | set(rows["image_1_uid"])
+    return batches, uids
+
+
+def test_a_recurring_image_goes_through_the_vae_once_per_view(
+    tiny_sd15: Path, synthetic_parquet: Path
+) -> None:
+    batches, uids = _decoded_batches(synthetic_parquet / "train", batch_rows=8)
+    slots = sum(2 * len(b["ranking_id"]) for b in batches)
+    assert len(uids) < 0.8 * slots  # the synthetic set repeats images as Pick-a-Pic does
+    encoder = LatentEncoder(str(tiny_sd15), device="cpu")
+    outputs = [encoder(dict(b)) for b in batches]
+    assert encoder.vae_images == 2 * len(uids)  # plain + flipped, each unique image once
+    # every pair that holds an image stores the same bytes for it, whichever batch encoded it
+    stored: dict[str, bytes] = {}
+    for batch, out in zip(batches, outputs, strict=True):
+        assert "w_image" not in out and "w" not in out  # keys and pixels do not reach the tars
+        for side in ("w", "l"):
+            for i, key in enumerate(batch[f"{side}_image"]):
+                value = b"".join(
+                    out[f"{side}_{part}"][i].tobytes() for part in ("mean", "logvar", "mean_flip")
+                )
+                assert stored.setdefault(key, value) == value
+
+
+def test_reuse_within_a_batch_only_and_unique_batches_are_unchanged(
+    tiny_sd15: Path, synthetic_parquet: Path
+) -> None:
+    """With several actors an image is shared only within a batch; a batch without a repeat is encoded exactly as
+    without the reuse: the same VAE call over [w; l; w_flip; l_flip], the same bytes."""
+    batches, _ = _decoded_batches(synthetic_parquet / "validation", batch_rows=4)
+    per_batch = LatentEncoder(str(tiny_sd15), device="cpu", reuse_across_batches=False)
+    for batch in batches:
+        per_batch(dict(batch))
+    assert per_batch.vae_images == sum(2 * len({*b["w_image"], *b["l_image"]}) for b in batches)
+    # rows whose four images are all different from each other's: no reuse possible
+    rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    seen: set[str] = set()
+    picked = []
+    for i, (w, l) in enumerate(zip(rows["w_image"], rows["l_image"], strict=True)):
+        if w != l and not {w, l} & seen:
+            seen |= {w, l}
+            picked.append(i)
+    unique = {k: v[picked[:4]] for k, v in rows.items()}
+    assert len(unique["ranking_id"]) == 4
+    reused = LatentEncoder(str(tiny_sd15), device="cpu")(dict(unique))
+    without_keys = LatentEncoder(str(tiny_sd15), device="cpu")(
+        {k: v for k, v in unique.items() if "_image" not in k}
+    )
+    latents = [k for k in without_keys if k.startswith(("w_", "l_"))]
+    assert len(latents) == 8 and all(np.array_equal(reused[k], without_keys[k]) for k in latents)
