@@ -120,9 +120,9 @@ def test_reuse_within_a_batch_only_and_unique_batches_are_unchanged(
     rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     seen: set[str] = set()
     picked = []
-    for i, (w, l) in enumerate(zip(rows["w_image"], rows["l_image"], strict=True)):
-        if w != l and not {w, l} & seen:
-            seen |= {w, l}
+    for i, pair in enumerate(zip(rows["w_image"], rows["l_image"], strict=True)):
+        if len(set(pair)) == 2 and not seen.intersection(pair):
+            seen.update(pair)
             picked.append(i)
     unique = {k: v[picked[:4]] for k, v in rows.items()}
     assert len(unique["ranking_id"]) == 4
