@@ -29,14 +29,18 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from schemas.atomic import atomic_write_json, publish_dir, read_json
+from schemas.config import TrainConfig
 from schemas.errors import InputError
+from schemas.options import Resume, keys_with
 from trainer.model import has_lora
 
 CHECKPOINTS = "checkpoints"
 RUN_INFO = "run.json"  # beside final/unet: step, data summary and config of the run that exported it
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-# A resume must see the same data topology, or its data position would point at different batches.
-TOPOLOGY_KEYS = ("world_size", "batch_size", "num_workers")
+# A resume must see the same data topology, or its data position would point at different batches: the number of
+# processes and the TrainConfig fields whose resume rule is Resume.TOPOLOGY.
+_TOPOLOGY_FIELDS = keys_with(TrainConfig, Resume.TOPOLOGY)
+TOPOLOGY_KEYS = ("world_size", *_TOPOLOGY_FIELDS)
 
 
 @dataclasses.dataclass
@@ -139,6 +143,11 @@ def save_checkpoint(
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def data_topology(cfg: TrainConfig, world_size: int) -> dict[str, int]:
+    """The run's TOPOLOGY_KEYS, as a checkpoint records them."""
+    return {"world_size": world_size, **{key: getattr(cfg, key) for key in _TOPOLOGY_FIELDS}}
 
 
 def check_topology(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:

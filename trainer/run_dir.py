@@ -5,8 +5,9 @@ id. So a fresh start never writes over another run, pruning only ever deletes th
 `--resume latest` only continues the run the directory holds. `OUT/.lock` is held (lockf) by the main process for
 the whole run: a second trainer on the same directory stops at once instead of interleaving checkpoints.
 
-On resume, hyper-parameters in RESUMABLE come from the command line and each change is printed; any other change
-(the loss, β, the data, the model, the seed, the batch topology, LoRA, the optimizer) is refused, naming the keys.
+On resume, each TrainConfig field is compared by its rule (schemas.options.Resume): `applied` ones come from the
+command line and each change is printed; any other change (the loss, β, the seed, the batch topology, LoRA, the
+optimizer) is refused, naming the keys; the data and the model are compared by content.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from schemas.atomic import atomic_write_json, read_json
 from schemas.config import TrainConfig
 from schemas.errors import InputError
 from schemas.manifest import Manifest
+from schemas.options import Resume, rules
 from trainer.checkpoint import CHECKPOINTS, list_checkpoints
 from trainer.losses import default_beta
 
@@ -33,33 +35,7 @@ RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 TRACKER_DIR = "train"  # accelerate's tensorboard logs of the run, `accelerator.init_trackers("train")`
 
-# may differ on resume: applied, and the change printed
-RESUMABLE = (
-    "learning_rate",
-    "scale_lr",
-    "lr_scheduler",
-    "lr_warmup_steps",
-    "max_steps",
-    "max_grad_norm",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_weight_decay",
-    "adam_epsilon",
-    "mixed_precision",
-    "gradient_checkpointing",
-    "allow_tf32",
-    "checkpoint_every",
-    "checkpoints_total_limit",
-    "log_every",
-    "val_data",
-    "eval_every",
-    "eval_max_pairs",
-    "eval_draws",
-    "report_to",
-    "max_skipped_fraction",
-)
-# where the run is, not what it is: never compared
-_NOT_COMPARED = ("output_dir", "resume", "overwrite_output_dir", "data", "model", "fixed_batch", "data_only")
+RESUME_RULES = rules(TrainConfig)
 
 
 def data_summary(data_dir: str | Path) -> dict[str, Any]:
@@ -174,10 +150,11 @@ def check_resume_config(
     refused = []
     changed = []
     for key, value in new.items():
-        if key in _NOT_COMPARED or key not in old or old[key] == value:
+        rule = RESUME_RULES[key]
+        if rule is Resume.NOT_COMPARED or key not in old or old[key] == value:
             continue
         line = f"{key}: checkpoint {old[key]!r}, now {value!r}"
-        (changed if key in RESUMABLE else refused).append(line)
+        (changed if rule is Resume.APPLIED else refused).append(line)
     if "data" in saved and saved["data"]["fingerprint"] != data["fingerprint"]:
         refused.append(
             f"data: {cfg.data} is not the data the run trained on (fingerprint {data['fingerprint']}, "

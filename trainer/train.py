@@ -34,7 +34,14 @@ from schemas.config import TrainConfig, parse_config
 from schemas.errors import InputError
 from schemas.manifest import Manifest
 from schemas.sample import TORCH_DTYPES
-from trainer.checkpoint import TrainState, check_topology, export_final, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    TrainState,
+    check_topology,
+    data_topology,
+    export_final,
+    load_checkpoint,
+    save_checkpoint,
+)
 from trainer.data import LatentPairStream, make_loader
 from trainer.evaluate import evaluate, strict_json
 from trainer.losses import REFERENCE_FREE, default_beta
@@ -247,7 +254,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> Start:
                 "same resolution"
             )
     data = data_summary(cfg.data)
-    topology = {"world_size": world_size, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers}
+    topology = data_topology(cfg, world_size)
     resume_from, run_id = choose_start(cfg)
     changes = []
     if resume_from is not None:
