@@ -7,7 +7,8 @@ a bad value is an InputError naming the flag (the CLIs print it and exit 2). A c
 or an unknown key is a usage error (exit 2) naming the key.
 
 Every field also states what a changed value means (`option(rule=...)`, required; schemas/options.py): for
-EncodeConfig whether it changes the output (`Rerun`), for TrainConfig what a resume does with it (`Resume`).
+EncodeConfig whether it changes the output (`Rerun`), for TrainConfig what a resume does with it (`Resume`). The
+`--loss` choices and the loss parameters' fields come from the loss table (schemas/loss_table.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from schemas.loss_table import LOSSES, SDPO_LOSSES
 from schemas.options import (
     Rerun,
     Resume,
@@ -30,6 +32,7 @@ from schemas.options import (
     field_problems,
     flag_of,
     keys_with,
+    loss_option,
     option,
 )
 from schemas.sample import LATENT_MODES
@@ -42,8 +45,6 @@ ALPHA_MODES = ("convert", "white")
 ENCODE_DTYPES = ("auto", "fp32", "fp16", "bf16")
 TIE_POLICIES = ("drop", "keep")
 INPUT_FORMATS = ("pickapic", "preference", "webdataset")
-TRAIN_LOSSES = ("dpo", "cdpo", "ipo", "hinge", "dmpo", "mapo", "sft", "diffusion", "kto", "dspo")
-SDPO_LOSSES = frozenset({"dpo", "cdpo", "dmpo", "dspo"})  # the losses --sdpo-mu can wrap
 KTO_REFERENCE_POINTS = ("mismatched", "batch")
 OPTIMIZERS = ("adamw", "adafactor")
 MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
@@ -181,7 +182,7 @@ class TrainConfig:
     loss: str = option(
         "dpo",
         "preference loss (README, 'Preference losses'); sft: preferred images only; diffusion: both, no pairs",
-        choices=TRAIN_LOSSES,
+        choices=tuple(LOSSES),
         rule=Resume.REFUSED,
     )
     beta: float | None = option(
@@ -190,16 +191,12 @@ class TrainConfig:
         positive=True,
         rule=Resume.REFUSED,
     )
-    label_smoothing: float | None = option(None, "cdpo ε (default 0.1)", loss="cdpo", rule=Resume.REFUSED)
-    dmpo_alpha: float | None = option(None, "dmpo α (default 0.01)", loss="dmpo", rule=Resume.REFUSED)
-    mapo_scale: float | None = option(None, "mapo s (default 0.5)", loss="mapo", rule=Resume.REFUSED)
-    mapo_temperature: float | None = option(
-        None, "mapo T (default: the scheduler's num_train_timesteps)", loss="mapo", rule=Resume.REFUSED
-    )
-    kto_lambda_desirable: float | None = option(None, "kto λ_D (default 1)", loss="kto", rule=Resume.REFUSED)
-    kto_lambda_undesirable: float | None = option(
-        None, "kto λ_U (default 1)", loss="kto", rule=Resume.REFUSED
-    )
+    label_smoothing: float | None = loss_option("label_smoothing")
+    dmpo_alpha: float | None = loss_option("dmpo_alpha")
+    mapo_scale: float | None = loss_option("mapo_scale")
+    mapo_temperature: float | None = loss_option("mapo_temperature")
+    kto_lambda_desirable: float | None = loss_option("kto_lambda_desirable")
+    kto_lambda_undesirable: float | None = loss_option("kto_lambda_undesirable")
     kto_reference_point: str = option(
         "mismatched",
         "kto z0 from mismatched image/caption pairs, or from the batch itself",
@@ -208,7 +205,7 @@ class TrainConfig:
     )
     sdpo_mu: float = option(
         0.0,
-        "> 0: wrap dpo, cdpo, dmpo or dspo in the Diffusion-SDPO safeguard with this μ",
+        f"> 0: wrap {', '.join(SDPO_LOSSES[:-1])} or {SDPO_LOSSES[-1]} in the Diffusion-SDPO safeguard with this μ",
         minimum=0.0,
         maximum=1.0,
         rule=Resume.REFUSED,

@@ -13,6 +13,7 @@ from dataclasses import field, fields
 from typing import Any
 
 from schemas.errors import InputError
+from schemas.loss_table import loss_param
 
 
 class Rerun(enum.Enum):
@@ -66,6 +67,13 @@ def option(
         "loss": loss,
     }
     return field(default=default, metadata=meta)
+
+
+def loss_option(flag: str) -> Any:
+    """A loss parameter's field, named `flag` in the loss table: unset means its published default, it is only
+    accepted with its loss, and a resume may not change it."""
+    loss, param = loss_param(flag)
+    return option(None, param.flag_help, rule=Resume.REFUSED, loss=loss)
 
 
 def rules(cls: type) -> dict[str, FieldRule]:

@@ -26,10 +26,10 @@ from typing import IO, Any
 from schemas.atomic import atomic_write_json, read_json
 from schemas.config import TrainConfig
 from schemas.errors import InputError
+from schemas.loss_table import default_beta
 from schemas.manifest import Manifest
 from schemas.options import Resume, rules
 from trainer.checkpoint import CHECKPOINTS, list_checkpoints
-from trainer.losses import default_beta
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"

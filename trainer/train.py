@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from schemas.atomic import read_json
 from schemas.config import TrainConfig, parse_config
 from schemas.errors import InputError
+from schemas.loss_table import LOSSES, default_beta, family_setting
 from schemas.manifest import Manifest
 from schemas.sample import TORCH_DTYPES
 from trainer.checkpoint import (
@@ -44,7 +45,6 @@ from trainer.checkpoint import (
 )
 from trainer.data import LatentPairStream, make_loader
 from trainer.evaluate import evaluate, strict_json
-from trainer.losses import REFERENCE_FREE, default_beta
 from trainer.metrics import MetricWindow, RunClock
 from trainer.model import Models, check_data_fits_model, load_models, to_device
 from trainer.objective import Objective
@@ -146,7 +146,7 @@ def build_trainer(cfg: TrainConfig, accelerator: Accelerator, stop: StopRequest 
         cfg.model,
         lora_rank=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
-        need_reference=cfg.loss not in REFERENCE_FREE,
+        need_reference=LOSSES[cfg.loss].reference,
         gradient_checkpointing=cfg.gradient_checkpointing,
         reference_dtype=TORCH_DTYPES[cfg.mixed_precision],
         sdxl_time_ids=cfg.sdxl_time_ids,
@@ -242,9 +242,11 @@ class Start:
 
 
 def preflight(cfg: TrainConfig, world_size: int) -> Start:
-    """Every check that needs no model: data and held-out data against the model and each other, the output
-    directory, and what a resume may change. Raises InputError naming the flag or file."""
+    """Every check that needs no model: data and held-out data against the model and each other, the loss against
+    the model family, the output directory, and what a resume may change. Raises InputError naming the flag or
+    file."""
     manifest = check_data_fits_model(cfg.data, "--data", cfg.model)
+    family_setting(cfg.loss, manifest.model_family)
     if cfg.val_data:
         val = check_data_fits_model(cfg.val_data, "--val-data", cfg.model)
         if val.resolution != manifest.resolution or val.latent_shape != manifest.latent_shape:
