@@ -237,7 +237,8 @@ def test_the_rules_give_the_lists_they_replaced() -> None:
 
 
 def test_resume_compares_each_field_by_its_rule() -> None:
-    """Applied: printed; refused (topology included): an error naming each; not compared: ignored."""
+    """Applied: printed; refused (topology included): an error naming each; not compared: ignored; a field the
+    checkpoint does not record: compared as None."""
     cfg = TrainConfig(data="d", model="m")
     data = {"fingerprint": "f", "model_family": "sd15"}
     saved = {"config": asdict(cfg), "data": {"fingerprint": "f"}, "model": run_dir.model_id("m")}
@@ -251,3 +252,14 @@ def test_resume_compares_each_field_by_its_rule() -> None:
     ) as error:
         run_dir.check_resume_config(Path("ckpt"), saved, now, data)
     assert "learning_rate" not in str(error.value)
+
+    def without(key: str) -> dict:
+        return {**saved, "config": {k: v for k, v in saved["config"].items() if k != key}}
+
+    assert run_dir.check_resume_config(Path("ckpt"), without("eval_draws"), cfg, data) == [
+        "resume: eval_draws: checkpoint None, now 4 (applied)"
+    ]
+    with pytest.raises(
+        InputError, match=r"cannot resume from ckpt: .*sdxl_time_ids: checkpoint None, now 'co"
+    ):
+        run_dir.check_resume_config(Path("ckpt"), without("sdxl_time_ids"), cfg, data)

@@ -65,7 +65,7 @@ ANY_RUN = "*"
 
 def list_checkpoints(output_dir: str | Path, run_id: str | None = ANY_RUN) -> list[Path]:
     """Complete checkpoints, oldest first; `*.tmp` folders left by a crashed save are not checkpoints. With a
-    `run_id`, only that run's (None: those written before run ids existed)."""
+    `run_id`, only that run's."""
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
@@ -185,13 +185,10 @@ def load_checkpoint(
     unet: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
-    topology: dict[str, Any] | None = None,
 ) -> TrainState:
-    """Restore weights, optimizer, lr schedule and grad scaler in place, after refusing a different `topology`;
-    returns the counters."""
+    """Restore weights, optimizer, lr schedule and grad scaler in place; returns the counters. The checkpoint's
+    topology and config were checked against the run's before (run_dir, check_topology)."""
     state = read_json(path / "state.json")
-    if topology is not None:
-        check_topology(path, state, topology)
     load_trainable_weights(path, unet)
     opt_json = read_json(path / "optimizer.json")
     tensors = load_file(path / "optimizer.safetensors")

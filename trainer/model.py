@@ -22,6 +22,7 @@ from schemas.errors import InputError
 from schemas.manifest import Manifest
 from schemas.sample import model_family
 from schemas.seeds import seed_of
+from trainer.data import check_checksums
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # SDXL micro-conditioning. "constant": (R, R, 0, 0, R, R) for every image, as DiffusionDPO's train.py does and as
@@ -56,20 +57,15 @@ def load_models(
     lora_rank: int = 0,
     lora_alpha: float | None = None,
     need_reference: bool = True,
-    unet_dir: str | None = None,
     gradient_checkpointing: bool = False,
     reference_dtype: torch.dtype = torch.float32,
     sdxl_time_ids: str = "constant",
 ) -> Models:
-    """Load `model`'s unet/ and scheduler/ (or the UNet from `unet_dir`), add LoRA when lora_rank > 0."""
+    """Load `model`'s unet/ and scheduler/, add LoRA when lora_rank > 0."""
     if sdxl_time_ids not in SDXL_TIME_IDS:
         raise ValueError(f"sdxl_time_ids must be one of {SDXL_TIME_IDS}, got {sdxl_time_ids!r}")
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-    policy = (
-        UNet2DConditionModel.from_pretrained(unet_dir)
-        if unet_dir
-        else UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    )
+    policy = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     reference = None
     if lora_rank > 0:
         policy.requires_grad_(False)
@@ -242,10 +238,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def check_data_fits_model(data_dir: str, flag: str, model: str) -> Manifest:
-    """The manifest of `data_dir`, refused (InputError naming the flag) when it is missing or was encoded for
-    another model family or shape than `model`'s UNet: checked before any work, not as a shape error in step 1."""
+    """The manifest of `data_dir`, refused (InputError naming the flag) when it is missing, has no checksums or was
+    encoded for another model family or shape than `model`'s UNet: checked before any work, not as a shape error
+    in step 1."""
     try:
         manifest = Manifest.load(data_dir)
+        check_checksums(manifest, data_dir)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(f"{flag} {data_dir}: {e}") from None
     config = UNet2DConditionModel.load_config(model, subfolder="unet")

@@ -84,6 +84,10 @@ def current_run_id(output_dir: str | Path) -> str | None:
     return read_json(path).get("run_id") if path.is_file() else None
 
 
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
 def choose_start(cfg: TrainConfig) -> tuple[Path | None, str]:
     """The checkpoint to resume from (None: start at step 0) and the run id this process continues or starts.
 
@@ -93,18 +97,16 @@ def choose_start(cfg: TrainConfig) -> tuple[Path | None, str]:
     if cfg.overwrite_output_dir:
         if cfg.resume:
             raise InputError("--overwrite-output-dir starts a new run; it cannot be combined with --resume")
-        return None, uuid.uuid4().hex[:12]
+        return None, new_run_id()
     if not cfg.resume:
         if held:
             raise InputError(
                 f"--output-dir {out} already holds a run ({held}); pass --resume latest to continue it, "
                 "--overwrite-output-dir to replace it, or choose another --output-dir"
             )
-        return None, uuid.uuid4().hex[:12]
+        return None, new_run_id()
     run_id = current_run_id(out)
-    if (
-        run_id is None
-    ):  # no run.json (checkpoints copied in, or written before run ids): the run they agree on
+    if run_id is None:  # no run.json (checkpoints copied in without it): the run they agree on
         ids = {read_json(p / "state.json").get("run_id") for p in list_checkpoints(out)}
         if len(ids) > 1:
             raise InputError(
@@ -113,30 +115,34 @@ def choose_start(cfg: TrainConfig) -> tuple[Path | None, str]:
             )
         run_id = next(iter(ids), None)
     if cfg.resume == "latest":
-        own = list_checkpoints(out, run_id=run_id)
+        own = list_checkpoints(out, run_id=run_id) if run_id else []
         if own:
-            return own[-1], run_id or uuid.uuid4().hex[:12]  # a run from before run ids is adopted
+            return own[-1], run_id
         if (out / "final").exists() or list_checkpoints(out):
             raise InputError(
                 f"--resume latest: {out} holds {held}, but no checkpoint of its run "
                 f"{run_id or '(none recorded)'}; pass --overwrite-output-dir to start again"
             )
-        return None, run_id or uuid.uuid4().hex[:12]  # killed before its first checkpoint: start it again
+        return None, run_id or new_run_id()  # killed before its first checkpoint: start it again
     path = Path(cfg.resume)
     if not (path / "state.json").is_file():
         raise InputError(f"--resume {path}: no state.json there; not a complete checkpoint")
     theirs = read_json(path / "state.json").get("run_id")
+    if theirs is None:
+        raise InputError(
+            f"--resume {path}: its state.json records no run id (written by an earlier version); start a new run"
+        )
     if held and run_id != theirs:
         raise InputError(
             f"--resume {path} is a checkpoint of run {theirs}, but --output-dir {out} holds another run ({held}); "
             "resume into an empty --output-dir or that run's own"
         )
-    return path, theirs or uuid.uuid4().hex[:12]
+    return path, theirs
 
 
 def with_resolved_beta(config: dict[str, Any], family: str) -> dict[str, Any]:
     """β unset means the loss's published value, so giving that value explicitly on resume is no change."""
-    if config.get("beta") is None and "loss" in config:
+    if config["beta"] is None:
         return {**config, "beta": default_beta(config["loss"], family)}
     return config
 
@@ -144,23 +150,24 @@ def with_resolved_beta(config: dict[str, Any], family: str) -> dict[str, Any]:
 def check_resume_config(
     path: Path, saved: dict[str, Any], cfg: TrainConfig, data: dict[str, Any]
 ) -> list[str]:
-    """Refuse changes that would corrupt the run; return the allowed ones as lines to print."""
-    old = with_resolved_beta(saved.get("config", {}), data["model_family"])
+    """Refuse changes that would corrupt the run; return the allowed ones as lines to print. A field the checkpoint
+    does not record compares as None (its value unknown): refused unless its rule applies it."""
+    old = with_resolved_beta(saved["config"], data["model_family"])
     new = with_resolved_beta(asdict(cfg), data["model_family"])
     refused = []
     changed = []
     for key, value in new.items():
         rule = RESUME_RULES[key]
-        if rule is Resume.NOT_COMPARED or key not in old or old[key] == value:
+        if rule is Resume.NOT_COMPARED or old.get(key) == value:
             continue
-        line = f"{key}: checkpoint {old[key]!r}, now {value!r}"
+        line = f"{key}: checkpoint {old.get(key)!r}, now {value!r}"
         (changed if rule is Resume.APPLIED else refused).append(line)
-    if "data" in saved and saved["data"]["fingerprint"] != data["fingerprint"]:
+    if saved["data"]["fingerprint"] != data["fingerprint"]:
         refused.append(
             f"data: {cfg.data} is not the data the run trained on (fingerprint {data['fingerprint']}, "
             f"checkpoint {saved['data']['fingerprint']})"
         )
-    if "model" in saved and saved["model"] != model_id(cfg.model):
+    if saved["model"] != model_id(cfg.model):
         refused.append(f"model: checkpoint {saved['model']!r}, now {model_id(cfg.model)!r}")
     if refused:
         raise InputError(

@@ -30,7 +30,6 @@ class TextEmbeddingStore:
         self.required = text_tensor_names(manifest.pooled_embed_dim is not None)
         self.embed_shape = tuple(manifest.text_embed_shape)
         self.empty_key = manifest.empty_caption_key
-        self.verified = manifest.checksum is not None
         # key -> (index into self.paths, byte offset of the member's data, size in bytes); nothing else is held
         self.index: dict[str, tuple[int, int, int]] = {}
         for i, path in enumerate(self.paths):
@@ -80,7 +79,7 @@ class TextEmbeddingStore:
         )
         if len(data) != size:
             raise ValueError(f"{where}: truncated member ({len(data)} of {size} bytes)")
-        tensors = decode_tensors(data, self.required, where, require_checksum=self.verified)
+        tensors = decode_tensors(data, self.required, where, require_checksum=True)
         if tuple(tensors["prompt_embeds"].shape) != self.embed_shape:
             raise ValueError(
                 f"{where}: prompt_embeds shape {list(tensors['prompt_embeds'].shape)}, "
