@@ -35,7 +35,9 @@ from schemas.options import Resume, keys_with
 from trainer.model import has_lora
 
 CHECKPOINTS = "checkpoints"
-RUN_INFO = "run.json"  # beside final/unet: step, data summary and config of the run that exported it
+FINAL = "final"
+# OUT/final/run.json, beside final/unet: the run id, step and data summary of the run that exported it
+EXPORT_RECORD = "run.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # A resume must see the same data topology, or its data position would point at different batches: the number of
 # processes and the TrainConfig fields whose resume rule is Resume.TOPOLOGY.
@@ -229,11 +231,11 @@ def export_final(
     """`OUT/final/unet/` (merged UNet, diffusers layout) and, for LoRA, `OUT/final/lora/` loadable by
     `pipe.load_lora_weights`, plus `OUT/final/run.json` (`run_info`: what `trainer.evaluate` checks the held-out
     data against). Each folder is written aside and renamed into place."""
-    final = Path(output_dir) / "final"
+    final = Path(output_dir) / FINAL
     if accelerator.is_main_process:
         final.mkdir(parents=True, exist_ok=True)
         if run_info is not None:
-            atomic_write_json(final / RUN_INFO, run_info)
+            atomic_write_json(final / EXPORT_RECORD, run_info)
         if has_lora(unet):
             lora_tmp = final / "lora.tmp"
             shutil.rmtree(lora_tmp, ignore_errors=True)

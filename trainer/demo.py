@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # the trainer's own held-out evaluations would repeat the one below (which also splits by defect): left out
     try:
-        code = train.train(replace(cfg, val_data=None))
+        code = train.claim_and_train(replace(cfg, val_data=None))
     except InputError as e:
         print(f"error: {train.input_error_message(e)}", file=sys.stderr)
         return train.EXIT_INPUT

@@ -28,7 +28,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from schemas.atomic import read_json
 from schemas.config import SDXL_TIME_IDS
 from schemas.manifest import Manifest
-from trainer.checkpoint import RUN_INFO, load_trainable_weights
+from trainer.checkpoint import EXPORT_RECORD, load_trainable_weights
 from trainer.data import iter_eval_batches
 from trainer.losses import dpo_logits, dpo_loss, implicit_accuracy, reward_margin
 from trainer.model import (
@@ -263,7 +263,7 @@ def trained_resolution(unet_dir: str | None) -> int | None:
     or run.json beside RUN/final/unet."""
     if not unet_dir:
         return None
-    for info in (Path(unet_dir) / "state.json", Path(unet_dir).parent / RUN_INFO):
+    for info in (Path(unet_dir) / "state.json", Path(unet_dir).parent / EXPORT_RECORD):
         if info.is_file():
             resolution = read_json(info).get("data", {}).get("resolution")
             return int(resolution) if resolution is not None else None

@@ -40,6 +40,7 @@ def has_lora(unet: torch.nn.Module) -> bool:
 
 @dataclass
 class Models:
+    # the UNet being trained, never wrapped (training goes through Trainer.prepared_policy, its prepared form)
     policy: UNet2DConditionModel
     reference: UNet2DConditionModel | None  # None: the policy with its LoRA adapters disabled
     scheduler: DDPMScheduler

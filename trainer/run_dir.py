@@ -5,9 +5,10 @@ id. So a fresh start never writes over another run, pruning only ever deletes th
 `--resume latest` only continues the run the directory holds. `OUT/.lock` is held (lockf) by the main process for
 the whole run: a second trainer on the same directory stops at once instead of interleaving checkpoints.
 
-On resume, each TrainConfig field is compared by its rule (schemas.options.Resume): `applied` ones come from the
-command line and each change is printed; any other change (the loss, β, the seed, the batch topology, LoRA, the
-optimizer) is refused, naming the keys; the data and the model are compared by content.
+`preflight` decides where a run starts from these files alone, before anything is written. On resume, each
+TrainConfig field is compared by its rule (schemas.options.Resume): `applied` ones come from the command line and
+each change is printed; any other change (the loss, β, the seed, the batch topology, LoRA, the optimizer) is
+refused, naming the keys; the data and the model are compared by content.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -26,14 +27,16 @@ from typing import IO, Any
 from schemas.atomic import atomic_write_json, read_json
 from schemas.config import TrainConfig
 from schemas.errors import InputError
-from schemas.loss_table import default_beta
+from schemas.loss_table import default_beta, family_setting
 from schemas.manifest import Manifest
 from schemas.options import Resume, rules
-from trainer.checkpoint import CHECKPOINTS, list_checkpoints
+from trainer.checkpoint import CHECKPOINTS, FINAL, check_topology, data_topology, list_checkpoints
+from trainer.model import check_data_fits_model
 
-RUN_FILE = "run.json"
+# OUT/run.json: the id, model and data summary of the run the directory holds
+RUN_RECORD = "run.json"
 LOCK_FILE = ".lock"
-TRACKER_DIR = "train"  # accelerate's tensorboard logs of the run, `accelerator.init_trackers("train")`
+TRACKER_DIR = "train"  # accelerate's tensorboard logs of the run, `accelerator.init_trackers(TRACKER_DIR)`
 
 RESUME_RULES = rules(TrainConfig)
 
@@ -70,17 +73,17 @@ def holds_run(output_dir: str | Path) -> str | None:
     """What in `output_dir` belongs to an earlier run (None when nothing does)."""
     out = Path(output_dir)
     found = []
-    if (out / RUN_FILE).is_file():
-        found.append(f"run {read_json(out / RUN_FILE).get('run_id')}")
+    if (out / RUN_RECORD).is_file():
+        found.append(f"run {read_json(out / RUN_RECORD).get('run_id')}")
     if checkpoints := list_checkpoints(out):
         found.append(f"{len(checkpoints)} checkpoints up to {checkpoints[-1].name}")
-    if (out / "final").exists():
+    if (out / FINAL).exists():
         found.append("a final/ export")
     return ", ".join(found) or None
 
 
 def current_run_id(output_dir: str | Path) -> str | None:
-    path = Path(output_dir) / RUN_FILE
+    path = Path(output_dir) / RUN_RECORD
     return read_json(path).get("run_id") if path.is_file() else None
 
 
@@ -118,7 +121,7 @@ def choose_start(cfg: TrainConfig) -> tuple[Path | None, str]:
         own = list_checkpoints(out, run_id=run_id) if run_id else []
         if own:
             return own[-1], run_id
-        if (out / "final").exists() or list_checkpoints(out):
+        if (out / FINAL).exists() or list_checkpoints(out):
             raise InputError(
                 f"--resume latest: {out} holds {held}, but no checkpoint of its run "
                 f"{run_id or '(none recorded)'}; pass --overwrite-output-dir to start again"
@@ -177,11 +180,47 @@ def check_resume_config(
     return [f"resume: {line} (applied)" for line in changed]
 
 
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts, decided from files alone before any process group, model or output is touched."""
+
+    resume_from: Path | None  # None: step 0
+    run_id: str
+    data: dict[str, Any]  # run_dir.data_summary of --data
+    topology: dict[str, int]
+    changes: list[str]  # hyper-parameters changed on resume, as lines to print
+
+
+def preflight(cfg: TrainConfig, world_size: int) -> Start:
+    """Every check that needs no model: data and held-out data against the model and each other, the loss against
+    the model family, the output directory, and what a resume may change. Raises InputError naming the flag or
+    file."""
+    manifest = check_data_fits_model(cfg.data, "--data", cfg.model)
+    family_setting(cfg.loss, manifest.model_family)
+    if cfg.val_data:
+        val = check_data_fits_model(cfg.val_data, "--val-data", cfg.model)
+        if val.resolution != manifest.resolution or val.latent_shape != manifest.latent_shape:
+            raise InputError(
+                f"--val-data {cfg.val_data} was encoded at resolution {val.resolution}, --data {cfg.data} at "
+                f"{manifest.resolution}: held-out numbers would measure the resolution change. Encode both at the "
+                "same resolution"
+            )
+    data = data_summary(cfg.data)
+    topology = data_topology(cfg, world_size)
+    resume_from, run_id = choose_start(cfg)
+    changes = []
+    if resume_from is not None:
+        saved = read_json(resume_from / "state.json")
+        check_topology(resume_from, saved, topology)
+        changes = check_resume_config(resume_from, saved, cfg, data)
+    return Start(resume_from, run_id, data, topology, changes)
+
+
 def begin_run(cfg: TrainConfig, run_id: str, data: dict[str, Any]) -> None:
     """Main process, after every check passed: clear a replaced run, then record this one."""
     out = Path(cfg.output_dir)
     if cfg.overwrite_output_dir:
-        for name in (CHECKPOINTS, "final", TRACKER_DIR, RUN_FILE):
+        for name in (CHECKPOINTS, FINAL, TRACKER_DIR, RUN_RECORD):
             path = out / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -189,7 +228,7 @@ def begin_run(cfg: TrainConfig, run_id: str, data: dict[str, Any]) -> None:
                 path.unlink()
     if current_run_id(out) != run_id:
         atomic_write_json(
-            out / RUN_FILE,
+            out / RUN_RECORD,
             {
                 "run_id": run_id,
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
