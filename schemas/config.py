@@ -47,7 +47,8 @@ TIE_POLICIES = ("drop", "keep")
 INPUT_FORMATS = ("pickapic", "preference", "webdataset")
 KTO_REFERENCE_POINTS = ("mismatched", "batch")
 OPTIMIZERS = ("adamw", "adafactor")
-MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
+# accelerate's names
+MIXED_PRECISION = ("no", "fp16", "bf16")
 SDXL_TIME_IDS = ("constant", "image")
 
 

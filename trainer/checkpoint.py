@@ -49,9 +49,12 @@ TOPOLOGY_KEYS = ("world_size", *_TOPOLOGY_FIELDS)
 class TrainState:
     """The run's counters: what a checkpoint saves and a resume restores (all randomness derives from them)."""
 
-    global_step: int = 0  # optimizer steps taken, skipped ones included
-    micro_step: int = 0  # micro-batches this process consumed: its data position and its noise counter
-    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
+    # optimizer steps taken, skipped ones included
+    global_step: int = 0
+    # micro-batches this process consumed: its data position and its noise counter
+    micro_step: int = 0
+    # steps whose update was skipped for a non-finite loss or gradient
+    skipped_steps: int = 0
 
     @classmethod
     def from_json(cls, saved: dict[str, Any]) -> Self:
@@ -130,7 +133,8 @@ def save_checkpoint(
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         atomic_write_json(tmp / "optimizer.json", opt_json)
         sched = lr_scheduler.state_dict()
-        sched.pop("lr_lambdas", None)  # closures; rebuilt from the config
+        # closures; rebuilt from the config
+        sched.pop("lr_lambdas", None)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         atomic_write_json(
             tmp / "state.json",
@@ -140,7 +144,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         publish_dir(tmp, final)
-        if total_limit > 0:  # only this run's own: another run's checkpoints are never deleted
+        # only this run's own: another run's checkpoints are never deleted
+        if total_limit > 0:
             for old in list_checkpoints(output_dir, meta.get("run_id"))[:-total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -213,8 +218,9 @@ def load_checkpoint(
         base * f(lr_scheduler.last_epoch)
         for base, f in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True)
     ]
+    # where the (possibly new) schedule stands at the checkpoint's step
     for group, lr in zip(optimizer.param_groups, lrs, strict=True):
-        group["lr"] = lr  # where the (possibly new) schedule stands at the checkpoint's step
+        group["lr"] = lr
     lr_scheduler._last_lr = lrs
     if accelerator.scaler is not None and state.get("grad_scaler"):
         accelerator.scaler.load_state_dict(state["grad_scaler"])

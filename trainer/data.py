@@ -46,9 +46,8 @@ from trainer.preemption import ignore_stop_signals, stop_workers_at_exit
 from trainer.text_store import TextEmbeddingStore
 
 _MEMBER_EXTS = (PAIR_META_EXT, TENSORS_EXT)
-_BLOCK_POSITIONS = (
-    1 << 16
-)  # shard-sequence positions whose epoch permutations are drawn in one vectorised call
+# shard-sequence positions whose epoch permutations are drawn in one vectorised call
+_BLOCK_POSITIONS = 1 << 16
 
 
 def check_checksums(manifest: Manifest, data_dir: str | Path) -> None:
@@ -65,7 +64,8 @@ class _RawPair:
     """A pair sample as read from its tar: undecoded bytes, so a group in flight costs what its files cost."""
 
     key: str
-    where: str  # "shard.tar:key", for error messages
+    # "shard.tar:key", for error messages
+    where: str
     meta: bytes
     tensors: bytes
 
@@ -85,7 +85,8 @@ def read_pair_shard(path: str, expected: int) -> list[_RawPair]:
             out.append(
                 _RawPair(sample.key, sample.where, sample.data[PAIR_META_EXT], sample.data[TENSORS_EXT])
             )
-    except ValueError as e:  # a truncated or malformed tar: damaged data, named like a bad sample
+    # a truncated or malformed tar: damaged data, named like a bad sample
+    except ValueError as e:
         raise CorruptSampleError(str(e)) from e
     if len(out) != expected:
         raise CorruptSampleError(f"{path}: {len(out)} samples, manifest says {expected}")
@@ -232,7 +233,8 @@ class LatentPairStream(IterableDataset):
             offset = 0
             group += 1
             start = 0
-            while len(pending) - start >= self.batch_size:  # a batch may straddle two groups
+            # a batch may straddle two groups
+            while len(pending) - start >= self.batch_size:
                 yield self._make_batch(pending[start : start + self.batch_size], slot, batch_index)
                 start += self.batch_size
                 batch_index += 1

@@ -249,7 +249,8 @@ def _load_checkpoint_policy(
         need_reference=False,
         sdxl_time_ids=sdxl_time_ids,
     )
-    if lora_rank == 0:  # full fine-tune: the checkpoint replaces every weight; the reference stays the base
+    # full fine-tune: the checkpoint replaces every weight; the reference stays the base
+    if lora_rank == 0:
         reference = load_models(model, need_reference=False).policy
         models = Models(
             models.policy, reference.requires_grad_(False).eval(), models.scheduler, sdxl_time_ids
@@ -280,7 +281,8 @@ def check_eval_resolution(data_dir: str | Path, trained: int | None, unet: UNet2
             f"error: --data {data_dir} was encoded at resolution {resolution}, the policy was trained at "
             f"{trained}; encode the evaluation data at {trained}"
         )
-    native = unet.config.sample_size * 8  # the VAE's 8x downsampling, as every SD1.5/SDXL VAE has
+    # the VAE's 8x downsampling, as every SD1.5/SDXL VAE has
+    native = unet.config.sample_size * 8
     if trained is None and resolution != native:
         print(
             f"warning: --data {data_dir} was encoded at resolution {resolution}, the UNet's native size is "

@@ -25,12 +25,8 @@ from schemas.seeds import seed_of
 from trainer.data import check_checksums
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-# SDXL micro-conditioning. "constant": (R, R, 0, 0, R, R) for every image, as DiffusionDPO's train.py does and as
-# SDXL pipelines condition at inference by default; "image": each image's original size and crop, as diffusers'
-# train_text_to_image_sdxl.py and MaPO do. See TrainConfig.sdxl_time_ids for the default.
-_NOISE_DOMAIN = (
-    0x4E4F495345  # keeps training-noise seeds apart from the data stream's (seed, slot, batch) seeds
-)
+# keeps training-noise seeds apart from the data stream's (seed, slot, batch) seeds
+_NOISE_DOMAIN = 0x4E4F495345
 
 
 def has_lora(unet: torch.nn.Module) -> bool:
@@ -42,9 +38,13 @@ def has_lora(unet: torch.nn.Module) -> bool:
 class Models:
     # the UNet being trained, never wrapped (training goes through Trainer.prepared_policy, its prepared form)
     policy: UNet2DConditionModel
-    reference: UNet2DConditionModel | None  # None: the policy with its LoRA adapters disabled
+    # None: the policy with its LoRA adapters disabled
+    reference: UNet2DConditionModel | None
     scheduler: DDPMScheduler
-    sdxl_time_ids: str = "constant"  # one of SDXL_TIME_IDS
+    # SDXL micro-conditioning, one of SDXL_TIME_IDS. "constant": (R, R, 0, 0, R, R) for every image, as
+    # DiffusionDPO's train.py does and as SDXL pipelines condition at inference by default; "image": each image's
+    # original size and crop, as diffusers' train_text_to_image_sdxl.py and MaPO do
+    sdxl_time_ids: str = "constant"
 
     @cached_property
     def is_lora(self) -> bool:
@@ -169,7 +169,8 @@ def pair_forward(
     dtype = next(unet.parameters()).dtype
     prompt = batch["prompt_embeds"]
     added = None
-    if "pooled_prompt_embeds" in batch:  # SDXL: pooled text + time ids
+    # SDXL: pooled text + time ids
+    if "pooled_prompt_embeds" in batch:
         pooled = batch["pooled_prompt_embeds"]
         added = {
             "text_embeds": torch.cat([pooled] * sides).to(dtype),

@@ -31,7 +31,8 @@ def build_optimizer(
             weight_decay=cfg.adam_weight_decay,
             eps=cfg.adam_epsilon,
         )
-    if cfg.optimizer == "adafactor":  # the official SDXL choice: fixed lr, update clipping at 1.0
+    # the official SDXL choice: fixed lr, update clipping at 1.0
+    if cfg.optimizer == "adafactor":
         return Adafactor(
             params,
             lr=lr,

@@ -36,8 +36,8 @@ from trainer.model import check_data_fits_model
 # OUT/run.json: the id, model and data summary of the run the directory holds
 RUN_RECORD = "run.json"
 LOCK_FILE = ".lock"
-TRACKER_DIR = "train"  # accelerate's tensorboard logs of the run, `accelerator.init_trackers(TRACKER_DIR)`
-
+# accelerate's tensorboard logs of the run, `accelerator.init_trackers(TRACKER_DIR)`
+TRACKER_DIR = "train"
 RESUME_RULES = rules(TrainConfig)
 
 
@@ -109,7 +109,8 @@ def choose_start(cfg: TrainConfig) -> tuple[Path | None, str]:
             )
         return None, new_run_id()
     run_id = current_run_id(out)
-    if run_id is None:  # no run.json (checkpoints copied in without it): the run they agree on
+    # no run.json (checkpoints copied in without it): the run they agree on
+    if run_id is None:
         ids = {read_json(p / "state.json").get("run_id") for p in list_checkpoints(out)}
         if len(ids) > 1:
             raise InputError(
@@ -126,7 +127,8 @@ def choose_start(cfg: TrainConfig) -> tuple[Path | None, str]:
                 f"--resume latest: {out} holds {held}, but no checkpoint of its run "
                 f"{run_id or '(none recorded)'}; pass --overwrite-output-dir to start again"
             )
-        return None, run_id or new_run_id()  # killed before its first checkpoint: start it again
+        # killed before its first checkpoint: start it again
+        return None, run_id or new_run_id()
     path = Path(cfg.resume)
     if not (path / "state.json").is_file():
         raise InputError(f"--resume {path}: no state.json there; not a complete checkpoint")
@@ -184,11 +186,14 @@ def check_resume_config(
 class Start:
     """Where a run starts, decided from files alone before any process group, model or output is touched."""
 
-    resume_from: Path | None  # None: step 0
+    # None: step 0
+    resume_from: Path | None
     run_id: str
-    data: dict[str, Any]  # run_dir.data_summary of --data
+    # run_dir.data_summary of --data
+    data: dict[str, Any]
     topology: dict[str, int]
-    changes: list[str]  # hyper-parameters changed on resume, as lines to print
+    # hyper-parameters changed on resume, as lines to print
+    changes: list[str]
 
 
 def preflight(cfg: TrainConfig, world_size: int) -> Start:
@@ -236,8 +241,9 @@ def begin_run(cfg: TrainConfig, run_id: str, data: dict[str, Any]) -> None:
                 "data": data,
             },
         )
+    # a save killed half-way; never a checkpoint
     for stale in (out / CHECKPOINTS).glob("step_*.tmp") if (out / CHECKPOINTS).is_dir() else []:
-        shutil.rmtree(stale)  # a save killed half-way; never a checkpoint
+        shutil.rmtree(stale)
 
 
 def lock_output_dir(output_dir: str | Path) -> IO[str]:
@@ -249,7 +255,8 @@ def lock_output_dir(output_dir: str | Path) -> IO[str]:
     handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run's lifetime
     try:
         fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, as the platform reports a held record lock
+    # EAGAIN or EACCES, as the platform reports a held record lock
+    except (BlockingIOError, PermissionError):
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()

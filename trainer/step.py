@@ -37,21 +37,27 @@ class Trainer:
     prepared_policy: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_scheduler: LRScheduler
-    objective: Objective  # the --loss with its resolved hyper-parameters
-    family: str  # "sd15" or "sdxl", from the data's manifest
-    stop: StopRequest = field(default_factory=StopRequest)  # set by a signal handler, read once per step
+    # the --loss with its resolved hyper-parameters
+    objective: Objective
+    # "sd15" or "sdxl", from the data's manifest
+    family: str
+    # set by a signal handler, read once per step
+    stop: StopRequest = field(default_factory=StopRequest)
 
 
 @dataclass
 class StepResult:
-    metrics: list[
-        dict[str, torch.Tensor]
-    ]  # per micro-batch: the loss and the objective's statistics, on the device
-    grad_norm: torch.Tensor  # total gradient norm before clipping, on the device
-    skipped: bool  # a loss or gradient was non-finite on some rank, so no update was applied
-    stop: bool  # some rank was asked to stop: every rank stops after this step
+    # per micro-batch: the loss and the objective's statistics, on the device
+    metrics: list[dict[str, torch.Tensor]]
+    # total gradient norm before clipping, on the device
+    grad_norm: torch.Tensor
+    # a loss or gradient was non-finite on some rank, so no update was applied
+    skipped: bool
+    # some rank was asked to stop: every rank stops after this step
+    stop: bool
     seconds: float
-    data_wait_s: float  # of `seconds`, spent waiting for the input pipeline
+    # of `seconds`, spent waiting for the input pipeline
+    data_wait_s: float
 
 
 def train_step(trainer: Trainer, state: TrainState, batches: Iterator[dict]) -> StepResult:
@@ -142,7 +148,8 @@ def apply_gradients(trainer: Trainer, finite: torch.Tensor) -> tuple[torch.Tenso
     skipped, stop = (v != 0 for v in accelerator.reduce(flags, "sum").tolist())
     if not skipped:
         trainer.optimizer.step()
-    elif accelerator.scaler is not None:  # fp16: lower the loss scale, as a scaler skip would
+    elif accelerator.scaler is not None:
+        # fp16: lower the loss scale, as a scaler skip would
         accelerator.scaler.update()
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.lr_scheduler.step()

@@ -42,7 +42,8 @@ class TextEmbeddingStore:
         self._pid = os.getpid()
         self._empty: dict[str, torch.Tensor] | None = None
         self.cache_bytes = cache_bytes
-        self._cache: OrderedDict[str, bytes] = OrderedDict()  # remote members, least recently used first
+        # remote members, least recently used first
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cached = 0
 
     def __len__(self) -> int:
@@ -58,7 +59,8 @@ class TextEmbeddingStore:
                 os.close(fd)
 
     def _fd(self, i: int) -> int:
-        if self._pid != os.getpid():  # forked: the parent's descriptors are not ours to share or close
+        # forked: the parent's descriptors are not ours to share or close
+        if self._pid != os.getpid():
             self._fds, self._pid = {}, os.getpid()
         if i not in self._fds:
             self._fds[i] = os.open(self.paths[i], os.O_RDONLY)

@@ -134,8 +134,9 @@ def build_trainer(cfg: TrainConfig, accelerator: Accelerator, stop: StopRequest 
         reference_dtype=TORCH_DTYPES[cfg.mixed_precision],
         sdxl_time_ids=cfg.sdxl_time_ids,
     )
+    # frozen, so never prepared (no DDP, no optimizer)
     if models.reference is not None:
-        models.reference.to(accelerator.device)  # frozen, so never prepared (no DDP, no optimizer)
+        models.reference.to(accelerator.device)
     lr = effective_lr(cfg, accelerator.num_processes)
     optimizer = build_optimizer((p for p in models.policy.parameters() if p.requires_grad), cfg, lr)
     lr_scheduler = build_lr_scheduler(optimizer, cfg)
@@ -308,7 +309,8 @@ def claim_and_train(cfg: TrainConfig) -> int:
     SIGTERM/SIGINT turned into a stop after the current step (also while the models load)."""
     accelerator = make_accelerator(cfg)
     start = preflight(cfg, accelerator.num_processes)
-    accelerator.wait_for_everyone()  # every rank checked the directory before the main process claims it
+    # every rank checked the directory before the main process claims it
+    accelerator.wait_for_everyone()
     with StopRequest() as stop:
         lock = lock_output_dir(cfg.output_dir) if accelerator.is_main_process else None
         try:
@@ -375,13 +377,16 @@ def train_and_export(cfg: TrainConfig, accelerator: Accelerator, start: Start, s
     if exit_code != EXIT_PREEMPTED and state.global_step >= cfg.max_steps:
         run_info = {"run_id": start.run_id, "global_step": state.global_step, "data": start.data}
         export_final(accelerator, trainer.models.policy, cfg.output_dir, trainer.family == "sdxl", run_info)
-    del batches  # stops the loader's workers now, not at interpreter exit
+    # stops the loader's workers now, not at interpreter exit
+    del batches
     # Release DDP, then the process group, while every rank is still alive: a gloo group left to the interpreter's
     # exit after its peer has gone can hang forever in its destructor (seen with torchrun on 2 CPUs).
     accelerator.wait_for_everyone()
     accelerator.free_memory()
-    del trainer  # its DDP wrapper owns the reducer that holds the group
-    accelerator.end_training()  # stops the trackers and destroys the process group
+    # its DDP wrapper owns the reducer that holds the group
+    del trainer
+    # stops the trackers and destroys the process group
+    accelerator.end_training()
     summary = {
         **asdict(state),
         "steps_this_run": clock.steps,
