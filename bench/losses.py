@@ -6,7 +6,7 @@ CLI: python -m bench.losses --data TRAIN --val-data VAL --model MODEL [--config 
 Each loss runs in its own trainer process (no evaluation or checkpoint inside the timed run), then
 `python -m trainer.evaluate` scores its final UNet on the validation pairs; one markdown table and one JSON line
 per loss come out. Nothing is tuned per loss: every run uses the config's learning rate, batch, seed and steps and
-the loss's published hyper-parameters (trainer/losses.py LOSS_DEFAULTS).
+the loss's published hyper-parameters (its entry in schemas/loss_table.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 from bench.report import machine, table
 from bench.run import run_cli
 from schemas.config import TrainConfig, load_config_file
+from schemas.loss_table import LOSSES, NUM_TRAIN_TIMESTEPS, default_beta
 from schemas.manifest import Manifest
-from trainer.losses import LOSS_DEFAULTS, LOSS_NAMES, default_beta
 
 
 def train_and_evaluate(loss: str, args: argparse.Namespace, cfg: TrainConfig) -> dict:
@@ -79,7 +79,7 @@ def arguments() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--losses",
-        default=",".join(n for n in LOSS_NAMES if n != "diffusion"),
+        default=",".join(n for n in LOSSES if n != "diffusion"),
         help="comma-separated --loss names (default: all but diffusion)",
     )
     parser.add_argument("--max-steps", type=int, default=None, help="default: the config's")
@@ -91,9 +91,9 @@ def arguments() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = arguments().parse_args(argv)
     losses = [x for x in args.losses.split(",") if x]
-    unknown = sorted(set(losses) - set(LOSS_NAMES))
+    unknown = sorted(set(losses) - set(LOSSES))
     if unknown or not losses:
-        raise SystemExit(f"error: --losses: unknown {unknown}; choose from {LOSS_NAMES}")
+        raise SystemExit(f"error: --losses: unknown {unknown}; choose from {tuple(LOSSES)}")
     cfg = TrainConfig(**{**load_config_file(args.config), "data": args.data, "model": args.model})
     if cfg.beta is not None:
         raise SystemExit(f"error: {args.config} sets beta; every loss must run with its own default β")
@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     for loss in losses:
         result = train_and_evaluate(loss, args, cfg)
         print(json.dumps(result), flush=True)
-        params = ", ".join(f"{k} {v:g}" for k, v in LOSS_DEFAULTS[loss].params.items())
+        params = ", ".join(
+            f"{p.keyword} {p.default:g}" for p in LOSSES[loss].params if p.default != NUM_TRAIN_TIMESTEPS
+        )
         beta = default_beta(loss, family)
         rows.append(
             [

@@ -5,6 +5,10 @@ Every field is also a flag (`snake_case` → `--kebab-case`) whose `--help` line
 values lives in `__post_init__`, so a config built in code is checked exactly like one parsed from the command line:
 a bad value is an InputError naming the flag (the CLIs print it and exit 2). A config-file value of the wrong type
 or an unknown key is a usage error (exit 2) naming the key.
+
+Every field also states what a changed value means (`option(rule=...)`, required; schemas/options.py): for
+EncodeConfig whether it changes the output (`Rerun`), for TrainConfig what a resume does with it (`Resume`). The
+`--loss` choices and the loss parameters' fields come from the loss table (schemas/loss_table.py).
 """
 
 from __future__ import annotations
@@ -15,11 +19,22 @@ import json
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from schemas.errors import InputError
+from schemas.loss_table import LOSSES, SDPO_LOSSES
+from schemas.options import (
+    Rerun,
+    Resume,
+    check,
+    check_rules,
+    field_problems,
+    flag_of,
+    keys_with,
+    loss_option,
+    option,
+)
 from schemas.sample import LATENT_MODES
 
 T = TypeVar("T")
@@ -30,11 +45,10 @@ ALPHA_MODES = ("convert", "white")
 ENCODE_DTYPES = ("auto", "fp32", "fp16", "bf16")
 TIE_POLICIES = ("drop", "keep")
 INPUT_FORMATS = ("pickapic", "preference", "webdataset")
-TRAIN_LOSSES = ("dpo", "cdpo", "ipo", "hinge", "dmpo", "mapo", "sft", "diffusion", "kto", "dspo")
-SDPO_LOSSES = frozenset({"dpo", "cdpo", "dmpo", "dspo"})  # the losses --sdpo-mu can wrap
 KTO_REFERENCE_POINTS = ("mismatched", "batch")
 OPTIMIZERS = ("adamw", "adafactor")
-MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
+# accelerate's names
+MIXED_PRECISION = ("no", "fp16", "bf16")
 SDXL_TIME_IDS = ("constant", "image")
 # speed options of the step (trainer/speed.py, trainer/optim.py)
 COMPILE_MODES = (
@@ -47,125 +61,100 @@ ADAMW_IMPLS = ("default", "foreach", "fused")  # default: torch's own choice (fo
 ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")  # scaled_dot_product_attention kernels
 
 
-def option(
-    default: Any,
-    help: str,
-    *,
-    choices: tuple[str, ...] | None = None,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    positive: bool = False,
-    required: bool = False,
-    loss: str | None = None,
-) -> Any:
-    """A config field with its flag's help line and the checks `__post_init__` applies to it. `loss`: the field
-    tunes that --loss only, so setting it with another loss is an error rather than silently ignored."""
-    meta = {
-        "help": help,
-        "choices": choices,
-        "minimum": minimum,
-        "maximum": maximum,
-        "positive": positive,
-        "required": required,
-        "loss": loss,
-    }
-    return field(default=default, metadata=meta)
-
-
-def flag_of(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def field_problems(config: Any, optional: tuple[str, ...] = ()) -> list[str]:
-    """Required values present, choices and ranges respected, loss-specific values only with their loss: one
-    message per problem, each naming the flag. `optional`: required fields this config can do without."""
-    problems = []
-    for f in fields(config):
-        value, meta, flag = getattr(config, f.name), f.metadata, flag_of(f.name)
-        low, high = meta["minimum"], meta["maximum"]
-        if meta["required"] and f.name not in optional and not value:
-            problems.append(f"{flag} is required")
-        elif value is None:
-            continue
-        elif meta["choices"] and value not in meta["choices"]:
-            problems.append(f"{flag} must be one of {meta['choices']}, got {value!r}")
-        elif meta["positive"] and value <= 0:
-            problems.append(f"{flag} must be > 0, got {value}")
-        elif low is not None and high is not None and not low <= value <= high:
-            problems.append(f"{flag} must be in [{low}, {high}], got {value}")
-        elif low is not None and value < low:
-            problems.append(f"{flag} must be >= {low}, got {value}")
-        elif meta["loss"] and value != f.default and getattr(config, "loss", None) != meta["loss"]:
-            problems.append(f"{flag} applies to --loss {meta['loss']} only, not {config.loss}")
-    return problems
-
-
-def check(config: Any, problems: list[str]) -> None:
-    if problems:
-        raise InputError("; ".join(problems))
-
-
 @dataclass
 class EncodeConfig:
+    rule_kind: ClassVar[type[Rerun]] = Rerun
     src: str = option(
         "",
         "input: a directory, glob, brace pattern, comma-separated list or fsspec URL (s3://bucket/prefix)",
         required=True,
+        rule=Rerun.OUTPUT,
     )
     format: str = option(
         "pickapic",
         "input layout: pickapic (parquet), preference (hub parquet) or webdataset (tars)",
         choices=INPUT_FORMATS,
+        rule=Rerun.OUTPUT,
     )
     columns: str = option(
-        "", "preference/webdataset: ROLE=NAME,... e.g. caption=prompt,chosen=chosen,rejected=rejected"
+        "",
+        "preference/webdataset: ROLE=NAME,... e.g. caption=prompt,chosen=chosen,rejected=rejected",
+        rule=Rerun.OUTPUT,
     )
     out: str = option(
-        "", "output directory or URL (pairs/, text/, manifest.json); a rerun resumes it", required=True
+        "",
+        "output directory or URL (pairs/, text/, manifest.json); a rerun resumes it",
+        required=True,
+        rule=Rerun.RUNTIME,
     )
     model: str = option(
-        "", "diffusers model: a folder (SD1.5 or SDXL layout), a hub id, or models/tiny-sd15", required=True
+        "",
+        "diffusers model: a folder (SD1.5 or SDXL layout), a hub id, or models/tiny-sd15",
+        required=True,
+        rule=Rerun.OUTPUT,
     )
-    resolution: int = option(512, "square training resolution in pixels, a multiple of 8", minimum=8)
+    resolution: int = option(
+        512, "square training resolution in pixels, a multiple of 8", minimum=8, rule=Rerun.OUTPUT
+    )
     latent_mode: str = option(
         "moments",
         "moments: VAE mean + logvar, a fresh latent sample per step; mean: half the bytes",
         choices=LATENT_MODES,
+        rule=Rerun.OUTPUT,
     )
     flip: bool = option(
-        True, "also cache latents of the horizontally flipped images (the official recipe flips)"
+        True,
+        "also cache latents of the horizontally flipped images (the official recipe flips)",
+        rule=Rerun.OUTPUT,
     )
     preprocess: str = option(
         "official",
         "official: DiffusionDPO's decode, resize and crop bit for bit; fast: DCT-scaled JPEG decode (README)",
         choices=PREPROCESS_MODES,
+        rule=Rerun.OUTPUT,
     )
     alpha: str = option(
         "convert",
         'convert: alpha dropped, as .convert("RGB") does (official); white: composited onto white',
         choices=ALPHA_MODES,
+        rule=Rerun.OUTPUT,
     )
     dtype: str = option(
         "auto",
         "VAE / text-encoder compute dtype; auto: fp16 on GPU unless the VAE asks for fp32, else fp32",
         choices=ENCODE_DTYPES,
+        rule=Rerun.OUTPUT,
     )
     tie_policy: str = option(
-        "drop", "drop ties (label_0 = 0.5), or keep them as soft labels for the trainer", choices=TIE_POLICIES
+        "drop",
+        "drop ties (label_0 = 0.5), or keep them as soft labels for the trainer",
+        choices=TIE_POLICIES,
+        rule=Rerun.OUTPUT,
     )
-    shard_size: int = option(1000, "pair samples per tar", minimum=1)
-    text_shard_size: int = option(5000, "caption embeddings per text tar", minimum=1)
+    shard_size: int = option(1000, "pair samples per tar", minimum=1, rule=Rerun.OUTPUT)
+    text_shard_size: int = option(5000, "caption embeddings per text tar", minimum=1, rule=Rerun.OUTPUT)
     chunk_files: int = option(
-        32, "input files per chunk: the unit of atomic publish and of skipping on rerun", minimum=1
+        32,
+        "input files per chunk: the unit of atomic publish and of skipping on rerun",
+        minimum=1,
+        rule=Rerun.OUTPUT,
     )
-    decode_batch_size: int = option(32, "rows per JPEG-decode task", minimum=1)
-    encode_batch_size: int = option(16, "pairs per VAE call (4 images each with flips)", minimum=1)
-    text_batch_size: int = option(64, "captions per text-encoder call", minimum=1)
-    num_encoders: int = option(0, "encoder actors; 0: one per GPU, or one per 2 CPUs without GPUs", minimum=0)
+    decode_batch_size: int = option(32, "rows per JPEG-decode task", minimum=1, rule=Rerun.RUNTIME)
+    encode_batch_size: int = option(
+        16, "pairs per VAE call (4 images each with flips)", minimum=1, rule=Rerun.RUNTIME
+    )
+    text_batch_size: int = option(64, "captions per text-encoder call", minimum=1, rule=Rerun.RUNTIME)
+    num_encoders: int = option(
+        0, "encoder actors; 0: one per GPU, or one per 2 CPUs without GPUs", minimum=0, rule=Rerun.RUNTIME
+    )
     ray_address: str | None = option(
-        None, "Ray cluster to join (default: RAY_ADDRESS or a running cluster, else a private local one)"
+        None,
+        "Ray cluster to join (default: RAY_ADDRESS or a running cluster, else a private local one)",
+        rule=Rerun.RUNTIME,
     )
-    verbose: bool = option(False, "show Ray's own logging, worker output and per-operator progress bars")
+    verbose: bool = option(
+        False, "show Ray's own logging, worker output and per-operator progress bars", rule=Rerun.RUNTIME
+    )
 
     def __post_init__(self) -> None:
         problems = field_problems(self)
@@ -175,131 +164,207 @@ class EncodeConfig:
             )
         check(self, problems)
 
+    @classmethod
+    def runtime_keys(cls) -> frozenset[str]:
+        """The fields that do not change what is written (Rerun.RUNTIME): not compared on a rerun."""
+        return frozenset(keys_with(cls, Rerun.RUNTIME))
+
 
 @dataclass
 class TrainConfig:
-    data: str = option("", "encode output directory or URL (has manifest.json)", required=True)
+    rule_kind: ClassVar[type[Resume]] = Resume
+    data: str = option(
+        "", "encode output directory or URL (has manifest.json)", required=True, rule=Resume.NOT_COMPARED
+    )
     model: str = option(
         "",
         "base model in diffusers layout (folder, hub id or models/tiny-sd15): the reference and initial policy",
         required=True,
+        rule=Resume.NOT_COMPARED,
     )
-    output_dir: str = option("runs/dpo", "run directory: checkpoints/, final/, tracker logs")
+    output_dir: str = option(
+        "runs/dpo", "run directory: checkpoints/, final/, tracker logs", rule=Resume.NOT_COMPARED
+    )
     val_data: str | None = option(
-        None, "held-out encode output, evaluated every --eval-every steps and at the end"
+        None, "held-out encode output, evaluated every --eval-every steps and at the end", rule=Resume.APPLIED
     )
     # objective
     loss: str = option(
         "dpo",
         "preference loss (README, 'Preference losses'); sft: preferred images only; diffusion: both, no pairs",
-        choices=TRAIN_LOSSES,
+        choices=tuple(LOSSES),
+        rule=Resume.REFUSED,
     )
     beta: float | None = option(
-        None, "the loss's β (default: its published value for the model family)", positive=True
+        None,
+        "the loss's β (default: its published value for the model family)",
+        positive=True,
+        rule=Resume.REFUSED,
     )
-    label_smoothing: float | None = option(None, "cdpo ε (default 0.1)", loss="cdpo")
-    dmpo_alpha: float | None = option(None, "dmpo α (default 0.01)", loss="dmpo")
-    mapo_scale: float | None = option(None, "mapo s (default 0.5)", loss="mapo")
-    mapo_temperature: float | None = option(
-        None, "mapo T (default: the scheduler's num_train_timesteps)", loss="mapo"
-    )
-    kto_lambda_desirable: float | None = option(None, "kto λ_D (default 1)", loss="kto")
-    kto_lambda_undesirable: float | None = option(None, "kto λ_U (default 1)", loss="kto")
+    label_smoothing: float | None = loss_option("label_smoothing")
+    dmpo_alpha: float | None = loss_option("dmpo_alpha")
+    mapo_scale: float | None = loss_option("mapo_scale")
+    mapo_temperature: float | None = loss_option("mapo_temperature")
+    kto_lambda_desirable: float | None = loss_option("kto_lambda_desirable")
+    kto_lambda_undesirable: float | None = loss_option("kto_lambda_undesirable")
     kto_reference_point: str = option(
         "mismatched",
         "kto z0 from mismatched image/caption pairs, or from the batch itself",
         choices=KTO_REFERENCE_POINTS,
+        rule=Resume.REFUSED,
     )
     sdpo_mu: float = option(
         0.0,
-        "> 0: wrap dpo, cdpo, dmpo or dspo in the Diffusion-SDPO safeguard with this μ",
+        f"> 0: wrap {', '.join(SDPO_LOSSES[:-1])} or {SDPO_LOSSES[-1]} in the Diffusion-SDPO safeguard with this μ",
         minimum=0.0,
         maximum=1.0,
+        rule=Resume.REFUSED,
     )
     caption_dropout: float = option(
-        0.2, "probability that a pair is trained on the empty caption", minimum=0.0, maximum=1.0
+        0.2,
+        "probability that a pair is trained on the empty caption",
+        minimum=0.0,
+        maximum=1.0,
+        rule=Resume.REFUSED,
     )
     # optimisation
     seed: int = option(
-        0, "seed of data order, noise and LoRA init: a run is a pure function of it", minimum=0
+        0,
+        "seed of data order, noise and LoRA init: a run is a pure function of it",
+        minimum=0,
+        rule=Resume.REFUSED,
     )
-    max_steps: int = option(2000, "optimizer steps in total (a resumed run continues up to it)", minimum=1)
-    batch_size: int = option(1, "pairs per process per micro-step", minimum=1)
-    gradient_accumulation_steps: int = option(1, "micro-steps per optimizer step", minimum=1)
-    learning_rate: float = option(1e-8, "learning rate (per pair and process with --scale-lr)", minimum=0.0)
+    max_steps: int = option(
+        2000, "optimizer steps in total (a resumed run continues up to it)", minimum=1, rule=Resume.APPLIED
+    )
+    batch_size: int = option(1, "pairs per process per micro-step", minimum=1, rule=Resume.TOPOLOGY)
+    gradient_accumulation_steps: int = option(
+        1, "micro-steps per optimizer step", minimum=1, rule=Resume.REFUSED
+    )
+    learning_rate: float = option(
+        1e-8, "learning rate (per pair and process with --scale-lr)", minimum=0.0, rule=Resume.APPLIED
+    )
     scale_lr: bool = option(
-        True, "multiply the lr by batch size × accumulation × processes, as the official launchers do"
+        True,
+        "multiply the lr by batch size × accumulation × processes, as the official launchers do",
+        rule=Resume.APPLIED,
     )
     lr_scheduler: str = option(
-        "constant_with_warmup", "diffusers schedule name (constant_with_warmup, cosine, …)"
+        "constant_with_warmup",
+        "diffusers schedule name (constant_with_warmup, cosine, …)",
+        rule=Resume.APPLIED,
     )
-    lr_warmup_steps: int = option(500, "optimizer steps of linear warmup", minimum=0)
-    optimizer: str = option("adamw", "adamw, or adafactor (the official SDXL choice)", choices=OPTIMIZERS)
-    adam_beta1: float = option(0.9, "AdamW β1", minimum=0.0, maximum=1.0)
-    adam_beta2: float = option(0.999, "AdamW β2", minimum=0.0, maximum=1.0)
-    adam_weight_decay: float = option(1e-2, "weight decay (AdamW and Adafactor)", minimum=0.0)
-    adam_epsilon: float = option(1e-8, "AdamW ε", minimum=0.0)
-    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)", minimum=0.0)
+    lr_warmup_steps: int = option(500, "optimizer steps of linear warmup", minimum=0, rule=Resume.APPLIED)
+    optimizer: str = option(
+        "adamw", "adamw, or adafactor (the official SDXL choice)", choices=OPTIMIZERS, rule=Resume.REFUSED
+    )
+    adam_beta1: float = option(0.9, "AdamW β1", minimum=0.0, maximum=1.0, rule=Resume.APPLIED)
+    adam_beta2: float = option(0.999, "AdamW β2", minimum=0.0, maximum=1.0, rule=Resume.APPLIED)
+    adam_weight_decay: float = option(
+        1e-2, "weight decay (AdamW and Adafactor)", minimum=0.0, rule=Resume.APPLIED
+    )
+    adam_epsilon: float = option(1e-8, "AdamW ε", minimum=0.0, rule=Resume.APPLIED)
+    max_grad_norm: float = option(
+        1.0, "clip the gradient norm to this (0: no clipping)", minimum=0.0, rule=Resume.APPLIED
+    )
     mixed_precision: str = option(
         "no",
         "accelerate mixed precision; the frozen reference is held in this dtype",
         choices=MIXED_PRECISION,
+        rule=Resume.APPLIED,
     )
     gradient_checkpointing: bool = option(
-        False, "recompute UNet activations in backward: less memory, more time"
+        False, "recompute UNet activations in backward: less memory, more time", rule=Resume.APPLIED
     )
-    allow_tf32: bool = option(True, "TF32 matmuls and convolutions on GPUs that have them")
+    allow_tf32: bool = option(
+        True, "TF32 matmuls and convolutions on GPUs that have them", rule=Resume.APPLIED
+    )
     # speed: each computes the same step up to rounding; off until measured (BENCHMARKS_GPU.md)
-    compile: bool = option(False, "torch.compile the policy and reference UNets (inductor)")
-    compile_mode: str = option("default", "torch.compile mode, with --compile", choices=COMPILE_MODES)
-    channels_last: bool = option(False, "UNet weights and activations in channels-last (NHWC) memory format")
+    compile: bool = option(
+        False, "torch.compile the policy and reference UNets (inductor)", rule=Resume.APPLIED
+    )
+    compile_mode: str = option(
+        "default", "torch.compile mode, with --compile", choices=COMPILE_MODES, rule=Resume.APPLIED
+    )
+    channels_last: bool = option(
+        False, "UNet weights and activations in channels-last (NHWC) memory format", rule=Resume.APPLIED
+    )
     adamw_impl: str = option(
-        "default", "AdamW kernel: default (torch's choice), foreach or fused", choices=ADAMW_IMPLS
+        "default",
+        "AdamW kernel: default (torch's choice), foreach or fused",
+        choices=ADAMW_IMPLS,
+        rule=Resume.APPLIED,
     )
     attention_backend: str = option(
         "auto",
         "scaled_dot_product_attention kernel (auto: torch's choice per call)",
         choices=ATTENTION_BACKENDS,
+        rule=Resume.APPLIED,
     )
     lora_rank: int = option(
-        0, "0: full fine-tune; > 0: LoRA of this rank, reference = adapters disabled", minimum=0
+        0,
+        "0: full fine-tune; > 0: LoRA of this rank, reference = adapters disabled",
+        minimum=0,
+        rule=Resume.REFUSED,
     )
-    lora_alpha: float | None = option(None, "LoRA α (default: the rank)", minimum=0.0)
+    lora_alpha: float | None = option(None, "LoRA α (default: the rank)", minimum=0.0, rule=Resume.REFUSED)
     sdxl_time_ids: str = option(
         "constant",
         "SDXL micro-conditioning: constant (R, R, 0, 0, R, R) as DiffusionDPO and SDXL inference; image: each "
         "image's stored size and crop (diffusers' SDXL script, MaPO)",
         choices=SDXL_TIME_IDS,
+        rule=Resume.REFUSED,
     )
     # data stream
-    num_workers: int = option(2, "DataLoader worker processes per rank", minimum=0)
-    shards_in_flight: int = option(4, "shards each worker reads and mixes together", minimum=1)
-    data_only: bool = option(
-        False, "benchmark the input stream: max_steps batches, no model (needs no --model)"
+    num_workers: int = option(2, "DataLoader worker processes per rank", minimum=0, rule=Resume.TOPOLOGY)
+    shards_in_flight: int = option(
+        4, "shards each worker reads and mixes together", minimum=1, rule=Resume.REFUSED
     )
-    fixed_batch: bool = option(False, "benchmark the step: train on the first batch, kept on the device")
+    data_only: bool = option(
+        False,
+        "benchmark the input stream: max_steps batches, no model (needs no --model)",
+        rule=Resume.NOT_COMPARED,
+    )
+    fixed_batch: bool = option(
+        False, "benchmark the step: train on the first batch, kept on the device", rule=Resume.NOT_COMPARED
+    )
     # checkpoints, logging, evaluation
     checkpoint_every: int = option(
-        500, "save a checkpoint every N steps and at the end (0: never)", minimum=0
+        500, "save a checkpoint every N steps and at the end (0: never)", minimum=0, rule=Resume.APPLIED
     )
-    checkpoints_total_limit: int = option(3, "keep the newest N checkpoints (0: keep all)", minimum=0)
+    checkpoints_total_limit: int = option(
+        3, "keep the newest N checkpoints (0: keep all)", minimum=0, rule=Resume.APPLIED
+    )
     resume: str | None = option(
-        None, "latest (the newest checkpoint in --output-dir, if any) or a checkpoint directory"
+        None,
+        "latest (the newest checkpoint in --output-dir, if any) or a checkpoint directory",
+        rule=Resume.NOT_COMPARED,
     )
     overwrite_output_dir: bool = option(
-        False, "replace the run --output-dir holds (its checkpoints, final/, logs) instead of refusing"
+        False,
+        "replace the run --output-dir holds (its checkpoints, final/, logs) instead of refusing",
+        rule=Resume.NOT_COMPARED,
     )
     max_skipped_fraction: float = option(
         0.1,
         "stop (exit 3) when more steps than this had a non-finite loss or gradient",
         minimum=0.0,
         maximum=1.0,
+        rule=Resume.APPLIED,
     )
-    log_every: int = option(10, "log metric means every N steps and at the end", minimum=1)
-    eval_every: int = option(0, "with --val-data: evaluate every N steps (0: only at the end)", minimum=0)
-    eval_max_pairs: int = option(512, "held-out pairs evaluated", minimum=1)
-    eval_draws: int = option(4, "(noise, timestep) draws averaged per held-out pair", minimum=1)
-    report_to: str = option("tensorboard", "accelerate tracker for metrics (tensorboard, wandb, …), or none")
+    log_every: int = option(
+        10, "log metric means every N steps and at the end", minimum=1, rule=Resume.APPLIED
+    )
+    eval_every: int = option(
+        0, "with --val-data: evaluate every N steps (0: only at the end)", minimum=0, rule=Resume.APPLIED
+    )
+    eval_max_pairs: int = option(512, "held-out pairs evaluated", minimum=1, rule=Resume.APPLIED)
+    eval_draws: int = option(
+        4, "(noise, timestep) draws averaged per held-out pair", minimum=1, rule=Resume.APPLIED
+    )
+    report_to: str = option(
+        "tensorboard", "accelerate tracker for metrics (tensorboard, wandb, …), or none", rule=Resume.APPLIED
+    )
 
     def __post_init__(self) -> None:
         problems = field_problems(self, optional=("model",) if self.data_only else ())
@@ -310,6 +375,10 @@ class TrainConfig:
         if self.sdpo_mu and self.loss not in SDPO_LOSSES:
             problems.append(f"--sdpo-mu wraps --loss {'/'.join(sorted(SDPO_LOSSES))} only, not {self.loss}")
         check(self, problems)
+
+
+check_rules(EncodeConfig)
+check_rules(TrainConfig)
 
 
 def _base_type(tp: Any) -> Any:

@@ -67,15 +67,7 @@ MODEL_SUBFOLDERS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "token
 MODEL_PATTERNS = ["model_index.json"] + [
     f"{sub}/*.{ext}" for sub in MODEL_SUBFOLDERS for ext in ("json", "txt", "model", "safetensors")
 ]
-RUNTIME_KEYS = {
-    "out",
-    "decode_batch_size",
-    "encode_batch_size",
-    "text_batch_size",
-    "num_encoders",
-    "ray_address",
-    "verbose",
-}
+RUNTIME_KEYS = EncodeConfig.runtime_keys()
 PAIR_MEMBERS = (PAIR_META_EXT, TENSORS_EXT)
 TEXT_MEMBERS = (TENSORS_EXT,)
 

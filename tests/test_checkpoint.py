@@ -1,4 +1,4 @@
-"""Checkpoints: pickle-free optimizer round trip, atomic layout, pruning, `latest`, topology refusal."""
+"""Checkpoints: pickle-free optimizer round trip, atomic layout, pruning, `latest`, topology refusal, run ids."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from schemas.atomic import atomic_write_json, process_umask
+from schemas.atomic import atomic_write_json, process_umask, read_json
 from schemas.config import TrainConfig
 from schemas.errors import InputError
 from trainer.checkpoint import (
@@ -21,6 +21,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.optim import build_lr_scheduler, build_optimizer
+from trainer.run_dir import choose_start
 
 
 def _setup(optimizer: str, seed: int = 0):
@@ -61,8 +62,9 @@ def test_round_trip_continues_identically(tmp_path: Path, optimizer: str) -> Non
     fresh, opt2, sched2 = _setup(optimizer, seed=1)
     fresh[0].bias.data.copy_(model[0].bias)  # frozen weights come from the base model, not the checkpoint
     with pytest.raises(InputError, match="batch_size: checkpoint 5, now 4"):
-        load_checkpoint(path, accelerator, fresh, opt2, sched2, {**topology, "batch_size": 4})
-    assert load_checkpoint(path, accelerator, fresh, opt2, sched2, topology) == saved
+        check_topology(path, read_json(path / "state.json"), {**topology, "batch_size": 4})
+    check_topology(path, read_json(path / "state.json"), topology)
+    assert load_checkpoint(path, accelerator, fresh, opt2, sched2) == saved
     assert sched2.get_last_lr() == pytest.approx([1e-2])  # warmup of 3 steps done
     for i in range(3, 6):
         _step(fresh, opt2, sched2, i)
@@ -128,3 +130,14 @@ def test_files_follow_the_umask(tmp_path: Path) -> None:
         os.umask(old)
     files = [*path.iterdir(), tmp_path / "x.json"]
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o664" for f in files}
+
+
+def test_a_checkpoint_without_a_run_id_is_not_adopted(tmp_path: Path) -> None:
+    """Every checkpoint this trainer writes names its run; one that does not is refused, not adopted as the run."""
+    step = tmp_path / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    atomic_write_json(step / "state.json", {"global_step": 1})
+    with pytest.raises(InputError, match=r"no checkpoint of its run \(none recorded\)"):
+        choose_start(TrainConfig(data="d", model="m", output_dir=str(tmp_path), resume="latest"))
+    with pytest.raises(InputError, match=r"its state\.json records no run id"):
+        choose_start(TrainConfig(data="d", model="m", output_dir=str(tmp_path / "new"), resume=str(step)))

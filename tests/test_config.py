@@ -4,8 +4,9 @@ required flags marked, and the keys earlier versions had."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -13,8 +14,9 @@ from bench import decode_resize, gpu, losses, robustness, run, s3_stream
 from embedded import synthetic, tiny_models
 from schemas.config import EncodeConfig, TrainConfig, build_parser, parse_config
 from schemas.errors import InputError
+from schemas.options import Rerun, Resume, check_rules, keys_with, option
 from stages import encode
-from trainer import demo, evaluate, train
+from trainer import checkpoint, demo, evaluate, run_dir, train
 
 PARSERS = {
     "stages.encode": lambda: build_parser(EncodeConfig, ""),
@@ -144,3 +146,122 @@ def test_an_output_recorded_with_the_old_seed_key_still_resumes() -> None:
         encode.compare_configs({**current, "seed": seed}, current, "/data/out")
     with pytest.raises(encode.ConfigMismatch, match="resolution: 256 → 512"):
         encode.compare_configs({**current, "seed": 0, "resolution": 256}, current, "/data/out")
+
+
+# The hand-kept lists the field rules replaced, as they stood before (stages/encode.py RUNTIME_KEYS,
+# trainer/run_dir.py RESUMABLE and _NOT_COMPARED, trainer/checkpoint.py TOPOLOGY_KEYS): the rules must reproduce
+# them exactly, so that deriving them moved no field.
+RUNTIME_KEYS_BEFORE = {
+    "out",
+    "decode_batch_size",
+    "encode_batch_size",
+    "text_batch_size",
+    "num_encoders",
+    "ray_address",
+    "verbose",
+}
+RESUMABLE_BEFORE = (
+    "learning_rate",
+    "scale_lr",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "max_steps",
+    "max_grad_norm",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_weight_decay",
+    "adam_epsilon",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "allow_tf32",
+    "checkpoint_every",
+    "checkpoints_total_limit",
+    "log_every",
+    "val_data",
+    "eval_every",
+    "eval_max_pairs",
+    "eval_draws",
+    "report_to",
+    "max_skipped_fraction",
+)
+# fields added since, with the rule they state
+SPEED_OPTIONS = ("compile", "compile_mode", "channels_last", "adamw_impl", "attention_backend")
+NOT_COMPARED_BEFORE = (
+    "output_dir",
+    "resume",
+    "overwrite_output_dir",
+    "data",
+    "model",
+    "fixed_batch",
+    "data_only",
+)
+TOPOLOGY_KEYS_BEFORE = ("world_size", "batch_size", "num_workers")
+
+
+@pytest.mark.parametrize("cls", [EncodeConfig, TrainConfig])
+def test_every_field_states_its_rule(cls: type) -> None:
+    """What a changed value means is each field's explicit choice, of its config's kind: none falls into a default."""
+    for f in fields(cls):
+        assert isinstance(f.metadata.get("rule"), cls.rule_kind), f"{cls.__name__}.{f.name} has no rule"
+
+
+def test_a_field_without_a_rule_cannot_be_declared() -> None:
+    with pytest.raises(TypeError, match="rule"):
+        option(0, "a field that does not say what a changed value means")
+
+    @dataclass
+    class Config:
+        rule_kind: ClassVar[type] = Resume
+        stated: int = option(0, "says it", rule=Resume.APPLIED)
+        other_kind: int = option(0, "an encode rule on a training config", rule=Rerun.OUTPUT)
+        plain: int = 0
+
+    with pytest.raises(TypeError, match=r"Config fields without a Resume rule: \['other_kind', 'plain'\]"):
+        check_rules(Config)
+
+
+def test_the_rules_give_the_lists_they_replaced() -> None:
+    assert encode.RUNTIME_KEYS == RUNTIME_KEYS_BEFORE
+    assert (
+        set(keys_with(EncodeConfig, Rerun.OUTPUT))
+        == {f.name for f in fields(EncodeConfig)} - RUNTIME_KEYS_BEFORE
+    )
+    assert set(keys_with(TrainConfig, Resume.APPLIED)) == set(RESUMABLE_BEFORE + SPEED_OPTIONS)
+    assert set(keys_with(TrainConfig, Resume.NOT_COMPARED)) == set(NOT_COMPARED_BEFORE)
+    assert checkpoint.TOPOLOGY_KEYS == TOPOLOGY_KEYS_BEFORE
+    # everything else was refused on resume
+    rest = {f.name for f in fields(TrainConfig)} - set(
+        RESUMABLE_BEFORE + SPEED_OPTIONS + NOT_COMPARED_BEFORE + TOPOLOGY_KEYS_BEFORE
+    )
+    assert set(keys_with(TrainConfig, Resume.REFUSED)) == rest
+    cfg = TrainConfig(data="d", model="m", batch_size=3, num_workers=5)
+    assert checkpoint.data_topology(cfg, 2) == {"world_size": 2, "batch_size": 3, "num_workers": 5}
+
+
+def test_resume_compares_each_field_by_its_rule() -> None:
+    """Applied: printed; refused (topology included): an error naming each; not compared: ignored; a field the
+    checkpoint does not record: compared as None."""
+    cfg = TrainConfig(data="d", model="m")
+    data = {"fingerprint": "f", "model_family": "sd15"}
+    saved = {"config": asdict(cfg), "data": {"fingerprint": "f"}, "model": run_dir.model_id("m")}
+    now = replace(cfg, learning_rate=2e-3, output_dir="elsewhere", fixed_batch=True)
+    assert run_dir.check_resume_config(Path("ckpt"), saved, now, data) == [
+        "resume: learning_rate: checkpoint 1e-08, now 0.002 (applied)"
+    ]
+    now = replace(cfg, seed=3, batch_size=2, learning_rate=2e-3)
+    with pytest.raises(
+        InputError, match="seed: checkpoint 0, now 3; batch_size: checkpoint 1, now 2"
+    ) as error:
+        run_dir.check_resume_config(Path("ckpt"), saved, now, data)
+    assert "learning_rate" not in str(error.value)
+
+    def without(key: str) -> dict:
+        return {**saved, "config": {k: v for k, v in saved["config"].items() if k != key}}
+
+    assert run_dir.check_resume_config(Path("ckpt"), without("eval_draws"), cfg, data) == [
+        "resume: eval_draws: checkpoint None, now 4 (applied)"
+    ]
+    with pytest.raises(
+        InputError, match=r"cannot resume from ckpt: .*sdxl_time_ids: checkpoint None, now 'co"
+    ):
+        run_dir.check_resume_config(Path("ckpt"), without("sdxl_time_ids"), cfg, data)

@@ -1,18 +1,21 @@
 """Damaged bytes on disk: one flipped byte inside a stored tensor, a pair's JSON or a caption embedding is an error
-naming the shard and key; an encode from before checksums still reads, with a warning."""
+naming the shard and key; an encode output without checksums is refused, before any work."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
 from embedded.latent_dataset import write_latent_dataset
+from schemas.errors import InputError
 from schemas.manifest import Manifest
 from schemas.sample import CorruptSampleError
 from tests.fixtures.damage import flip_byte
 from trainer.data import LatentPairStream, iter_eval_batches
+from trainer.model import check_data_fits_model
 
 
 @pytest.mark.parametrize(("member", "what"), [(".safetensors", "tensor data"), (".json", "JSON member")])
@@ -35,9 +38,15 @@ def test_flipped_byte_in_a_caption_embedding_names_shard_and_key(tmp_path: Path)
         list(iter_eval_batches(data, batch_size=4))
 
 
-def test_encode_without_checksums_reads_with_a_warning(tmp_path: Path) -> None:
+def test_an_encode_without_checksums_is_refused(tmp_path: Path) -> None:
+    """Damage could not be detected in it: the trainer's preflight (exit 2 naming the flag) and every reader say so."""
     data = write_latent_dataset(tmp_path / "d", num_pairs=8, shard_size=4)
-    verified = [b["keys"] for b in iter_eval_batches(data, batch_size=4)]
-    dataclasses.replace(Manifest.load(data), checksum=None).save(data)  # as an older encoder wrote it
-    with pytest.warns(UserWarning, match="encoded before per-sample checksums"):
-        assert [b["keys"] for b in iter_eval_batches(data, batch_size=4)] == verified
+    assert len(list(iter_eval_batches(data, batch_size=4))) == 2
+    dataclasses.replace(Manifest.load(data), checksum=None).save(data)
+    message = re.escape(f"{data}/manifest.json: encoded without per-sample crc32 checksums")
+    with pytest.raises(InputError, match=f"--data {re.escape(str(data))}: {message}"):
+        check_data_fits_model(str(data), "--data", "unread-model")
+    with pytest.raises(ValueError, match=message):
+        list(iter_eval_batches(data, batch_size=4))
+    with pytest.raises(ValueError, match=message):
+        LatentPairStream(data, batch_size=4, seed=0)

@@ -11,13 +11,13 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.nn.modules.module import register_module_forward_hook
 
+from schemas.loss_table import LOSSES
 from tests.test_train import _fresh_accelerate_state, final_weights, run_train  # noqa: F401 (autouse fixture)
 from trainer import train
 from trainer.evaluate import evaluate, load_for_eval
-from trainer.losses import LOSS_NAMES
 from trainer.objective import mismatch_captions
 
-CASES = [(name, ()) for name in LOSS_NAMES] + [
+CASES = [(name, ()) for name in LOSSES] + [
     ("dpo", ("--sdpo-mu", "0.9")),
     ("dspo", ("--sdpo-mu", "0.2")),
     ("kto", ("--kto-reference-point", "batch")),

@@ -61,7 +61,7 @@ def _errors_and_gradient(model: Path, data: Path, **options: object) -> tuple[to
         loss, stats = micro_batch_loss(trainer, batch)
         accelerator.backward(loss)
     errors = torch.stack([stats[k] for k in ("policy_err_w", "policy_err_l", "ref_err_w", "ref_err_l")])
-    grads = [p.grad.flatten() for p in trainer.policy.parameters() if p.requires_grad]
+    grads = [p.grad.flatten() for p in trainer.models.policy.parameters() if p.requires_grad]
     return errors.detach(), torch.cat(grads)
 
 
@@ -98,11 +98,11 @@ def test_fused_adamw_makes_the_default_update(tiny_sd15: Path, latent_sd15: Path
         cfg = _config(tiny_sd15, latent_sd15, adamw_impl=impl)
         trainer = build_trainer(cfg, Accelerator(cpu=True, step_scheduler_with_optimizer=False))
         torch.manual_seed(1)
-        for p in trainer.policy.parameters():
+        for p in trainer.models.policy.parameters():
             p.grad = torch.randn_like(p)
         trainer.optimizer.step()
         assert trainer.optimizer.optimizer.defaults["fused"] is (impl == "fused" or None)
-        updated[impl] = torch.cat([p.detach().flatten() for p in trainer.policy.parameters()])
+        updated[impl] = torch.cat([p.detach().flatten() for p in trainer.models.policy.parameters()])
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     assert torch.allclose(updated["fused"], updated["default"], rtol=0, atol=1e-7)

@@ -126,17 +126,17 @@ def test_non_finite_step_is_skipped_on_the_device(tiny_sd15: Path, latent_sd15: 
     cfg, trainer, accelerator = _trainer(tiny_sd15, latent_sd15, 2)
     good = list(itertools.islice(training_batches(cfg, accelerator, 0), 4))
     bad = {**good[1], "w_latents": torch.full_like(good[1]["w_latents"], float("nan"))}
-    before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.models.policy.state_dict().items()}
     state = TrainState()
     result = train_step(trainer, state, iter([good[0], bad]))
     assert result.skipped and state == TrainState(global_step=1, micro_step=2, skipped_steps=1)
-    after = trainer.policy.state_dict()
+    after = trainer.models.policy.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(p.grad is None for p in trainer.policy.parameters())  # the bad gradients are gone
+    assert all(p.grad is None for p in trainer.models.policy.parameters())  # the bad gradients are gone
     assert trainer.lr_scheduler.last_epoch == 1  # the schedule still counts the step
     result = train_step(trainer, state, iter(good[2:]))
     assert not result.skipped and state.skipped_steps == 1
-    assert any(not torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in trainer.models.policy.state_dict().items())
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -154,9 +154,9 @@ def test_sft_step_is_one_pass_over_the_winners(family: str, request: pytest.Fixt
     model, data = request.getfixturevalue(f"tiny_{family}"), request.getfixturevalue(f"latent_{family}")
     cfg, trainer, accelerator = _trainer(model, data, 1, loss="sft")
     batch = next(training_batches(cfg, accelerator, 0))
-    before = copy.deepcopy(trainer.policy)
+    before = copy.deepcopy(trainer.models.policy)
     fed: list[int] = []
-    hook = trainer.policy.register_forward_pre_hook(lambda module, args: fed.append(len(args[0])))
+    hook = trainer.models.policy.register_forward_pre_hook(lambda module, args: fed.append(len(args[0])))
     try:
         result = train_step(trainer, TrainState(), iter([batch]))
     finally:

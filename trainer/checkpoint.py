@@ -29,23 +29,32 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from schemas.atomic import atomic_write_json, publish_dir, read_json
+from schemas.config import TrainConfig
 from schemas.errors import InputError
+from schemas.options import Resume, keys_with
 from trainer.model import has_lora
 
 CHECKPOINTS = "checkpoints"
-RUN_INFO = "run.json"  # beside final/unet: step, data summary and config of the run that exported it
+FINAL = "final"
+# OUT/final/run.json, beside final/unet: the run id, step and data summary of the run that exported it
+EXPORT_RECORD = "run.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-# A resume must see the same data topology, or its data position would point at different batches.
-TOPOLOGY_KEYS = ("world_size", "batch_size", "num_workers")
+# A resume must see the same data topology, or its data position would point at different batches: the number of
+# processes and the TrainConfig fields whose resume rule is Resume.TOPOLOGY.
+_TOPOLOGY_FIELDS = keys_with(TrainConfig, Resume.TOPOLOGY)
+TOPOLOGY_KEYS = ("world_size", *_TOPOLOGY_FIELDS)
 
 
 @dataclasses.dataclass
 class TrainState:
     """The run's counters: what a checkpoint saves and a resume restores (all randomness derives from them)."""
 
-    global_step: int = 0  # optimizer steps taken, skipped ones included
-    micro_step: int = 0  # micro-batches this process consumed: its data position and its noise counter
-    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
+    # optimizer steps taken, skipped ones included
+    global_step: int = 0
+    # micro-batches this process consumed: its data position and its noise counter
+    micro_step: int = 0
+    # steps whose update was skipped for a non-finite loss or gradient
+    skipped_steps: int = 0
 
     @classmethod
     def from_json(cls, saved: dict[str, Any]) -> Self:
@@ -61,7 +70,7 @@ ANY_RUN = "*"
 
 def list_checkpoints(output_dir: str | Path, run_id: str | None = ANY_RUN) -> list[Path]:
     """Complete checkpoints, oldest first; `*.tmp` folders left by a crashed save are not checkpoints. With a
-    `run_id`, only that run's (None: those written before run ids existed)."""
+    `run_id`, only that run's."""
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
@@ -124,7 +133,8 @@ def save_checkpoint(
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         atomic_write_json(tmp / "optimizer.json", opt_json)
         sched = lr_scheduler.state_dict()
-        sched.pop("lr_lambdas", None)  # closures; rebuilt from the config
+        # closures; rebuilt from the config
+        sched.pop("lr_lambdas", None)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         atomic_write_json(
             tmp / "state.json",
@@ -134,11 +144,17 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         publish_dir(tmp, final)
-        if total_limit > 0:  # only this run's own: another run's checkpoints are never deleted
+        # only this run's own: another run's checkpoints are never deleted
+        if total_limit > 0:
             for old in list_checkpoints(output_dir, meta.get("run_id"))[:-total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def data_topology(cfg: TrainConfig, world_size: int) -> dict[str, int]:
+    """The run's TOPOLOGY_KEYS, as a checkpoint records them."""
+    return {"world_size": world_size, **{key: getattr(cfg, key) for key in _TOPOLOGY_FIELDS}}
 
 
 def check_topology(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -176,13 +192,10 @@ def load_checkpoint(
     unet: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
-    topology: dict[str, Any] | None = None,
 ) -> TrainState:
-    """Restore weights, optimizer, lr schedule and grad scaler in place, after refusing a different `topology`;
-    returns the counters."""
+    """Restore weights, optimizer, lr schedule and grad scaler in place; returns the counters. The checkpoint's
+    topology and config were checked against the run's before (run_dir, check_topology)."""
     state = read_json(path / "state.json")
-    if topology is not None:
-        check_topology(path, state, topology)
     load_trainable_weights(path, unet)
     opt_json = read_json(path / "optimizer.json")
     tensors = load_file(path / "optimizer.safetensors")
@@ -206,8 +219,9 @@ def load_checkpoint(
         base * f(lr_scheduler.last_epoch)
         for base, f in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True)
     ]
+    # where the (possibly new) schedule stands at the checkpoint's step
     for group, lr in zip(optimizer.param_groups, lrs, strict=True):
-        group["lr"] = lr  # where the (possibly new) schedule stands at the checkpoint's step
+        group["lr"] = lr
     lr_scheduler._last_lr = lrs
     if accelerator.scaler is not None and state.get("grad_scaler"):
         accelerator.scaler.load_state_dict(state["grad_scaler"])
@@ -236,11 +250,11 @@ def export_final(
     """`OUT/final/unet/` (merged UNet, diffusers layout) and, for LoRA, `OUT/final/lora/` loadable by
     `pipe.load_lora_weights`, plus `OUT/final/run.json` (`run_info`: what `trainer.evaluate` checks the held-out
     data against). Each folder is written aside and renamed into place."""
-    final = Path(output_dir) / "final"
+    final = Path(output_dir) / FINAL
     if accelerator.is_main_process:
         final.mkdir(parents=True, exist_ok=True)
         if run_info is not None:
-            atomic_write_json(final / RUN_INFO, run_info)
+            atomic_write_json(final / EXPORT_RECORD, run_info)
         if has_lora(unet):
             lora_tmp = final / "lora.tmp"
             shutil.rmtree(lora_tmp, ignore_errors=True)

@@ -19,8 +19,6 @@ The loader must NOT go through `accelerator.prepare`, which would shard the alre
 
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +28,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from schemas import storage
-from schemas.manifest import Manifest
+from schemas.manifest import MANIFEST_NAME, Manifest
 from schemas.sample import (
+    CHECKSUM,
     PAIR_META_EXT,
     SIDES,
     TENSORS_EXT,
@@ -47,9 +46,17 @@ from trainer.preemption import ignore_stop_signals, stop_workers_at_exit
 from trainer.text_store import TextEmbeddingStore
 
 _MEMBER_EXTS = (PAIR_META_EXT, TENSORS_EXT)
-_BLOCK_POSITIONS = (
-    1 << 16
-)  # shard-sequence positions whose epoch permutations are drawn in one vectorised call
+# shard-sequence positions whose epoch permutations are drawn in one vectorised call
+_BLOCK_POSITIONS = 1 << 16
+
+
+def check_checksums(manifest: Manifest, data_dir: str | Path) -> None:
+    """The trainer reads only what it can verify: an encode output without per-member checksums is refused."""
+    if manifest.checksum != CHECKSUM:
+        raise ValueError(
+            f"{storage.join(data_dir, MANIFEST_NAME)}: encoded without per-sample {CHECKSUM} checksums (manifest "
+            f"checksum {manifest.checksum!r}), so damaged files could not be detected; re-encode it"
+        )
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,8 @@ class _RawPair:
     """A pair sample as read from its tar: undecoded bytes, so a group in flight costs what its files cost."""
 
     key: str
-    where: str  # "shard.tar:key", for error messages
+    # "shard.tar:key", for error messages
+    where: str
     meta: bytes
     tensors: bytes
 
@@ -77,7 +85,8 @@ def read_pair_shard(path: str, expected: int) -> list[_RawPair]:
             out.append(
                 _RawPair(sample.key, sample.where, sample.data[PAIR_META_EXT], sample.data[TENSORS_EXT])
             )
-    except ValueError as e:  # a truncated or malformed tar: damaged data, named like a bad sample
+    # a truncated or malformed tar: damaged data, named like a bad sample
+    except ValueError as e:
         raise CorruptSampleError(str(e)) from e
     if len(out) != expected:
         raise CorruptSampleError(f"{path}: {len(out)} samples, manifest says {expected}")
@@ -157,7 +166,6 @@ class LatentPairStream(IterableDataset):
         sample_latents: bool = True,
     ) -> None:
         super().__init__()
-        os.environ.setdefault("WDS_SECURE", "1")  # webdataset refuses pickle-based decoders
         if batch_size < 1 or shards_in_flight < 1 or num_workers < 0 or start_batch < 0 or seed < 0:
             raise ValueError(
                 "batch_size and shards_in_flight must be >= 1; num_workers, start_batch, seed >= 0"
@@ -225,7 +233,8 @@ class LatentPairStream(IterableDataset):
             offset = 0
             group += 1
             start = 0
-            while len(pending) - start >= self.batch_size:  # a batch may straddle two groups
+            # a batch may straddle two groups
+            while len(pending) - start >= self.batch_size:
                 yield self._make_batch(pending[start : start + self.batch_size], slot, batch_index)
                 start += self.batch_size
                 batch_index += 1
@@ -246,13 +255,8 @@ class PairCollator:
     """Decodes raw pair samples into a training batch: scaled latents, text embeddings, labels, SDXL time ids."""
 
     def __init__(self, data_dir: str, manifest: Manifest) -> None:
+        check_checksums(manifest, data_dir)
         self.manifest = manifest
-        if manifest.checksum is None:
-            warnings.warn(
-                f"{data_dir}: encoded before per-sample checksums; damaged files cannot be detected. "
-                "Re-encode it to add them.",
-                stacklevel=2,
-            )
         self.required = latent_tensor_names(manifest.latent_mode, manifest.flip_variants)
         self.text = TextEmbeddingStore(data_dir, manifest)
         self.is_sdxl = manifest.model_family == "sdxl"
@@ -293,7 +297,7 @@ class PairCollator:
                 self.required,
                 raw.where,
                 companion=raw.meta,
-                require_checksum=self.manifest.checksum is not None,
+                require_checksum=True,
             )
             meta = PairMeta.from_json_bytes(raw.meta, raw.where)
             flip = bool(flips[i])
@@ -354,7 +358,6 @@ def iter_eval_batches(
     data_dir: str | Path, *, batch_size: int, max_pairs: int | None = None
 ) -> Iterator[dict]:
     """Every pair once, in manifest order, deterministically: posterior means, no flip, no caption dropout."""
-    os.environ.setdefault("WDS_SECURE", "1")
     data_dir = storage.local_path(data_dir)
     manifest = Manifest.load(data_dir)
     collate = PairCollator(data_dir, manifest)

@@ -28,7 +28,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from schemas.atomic import read_json
 from schemas.config import SDXL_TIME_IDS
 from schemas.manifest import Manifest
-from trainer.checkpoint import RUN_INFO, load_trainable_weights
+from trainer.checkpoint import EXPORT_RECORD, load_trainable_weights
 from trainer.data import iter_eval_batches
 from trainer.losses import dpo_logits, dpo_loss, implicit_accuracy, reward_margin
 from trainer.model import (
@@ -249,7 +249,8 @@ def _load_checkpoint_policy(
         need_reference=False,
         sdxl_time_ids=sdxl_time_ids,
     )
-    if lora_rank == 0:  # full fine-tune: the checkpoint replaces every weight; the reference stays the base
+    # full fine-tune: the checkpoint replaces every weight; the reference stays the base
+    if lora_rank == 0:
         reference = load_models(model, need_reference=False).policy
         models = Models(
             models.policy, reference.requires_grad_(False).eval(), models.scheduler, sdxl_time_ids
@@ -263,7 +264,7 @@ def trained_resolution(unet_dir: str | None) -> int | None:
     or run.json beside RUN/final/unet."""
     if not unet_dir:
         return None
-    for info in (Path(unet_dir) / "state.json", Path(unet_dir).parent / RUN_INFO):
+    for info in (Path(unet_dir) / "state.json", Path(unet_dir).parent / EXPORT_RECORD):
         if info.is_file():
             resolution = read_json(info).get("data", {}).get("resolution")
             return int(resolution) if resolution is not None else None
@@ -280,7 +281,8 @@ def check_eval_resolution(data_dir: str | Path, trained: int | None, unet: UNet2
             f"error: --data {data_dir} was encoded at resolution {resolution}, the policy was trained at "
             f"{trained}; encode the evaluation data at {trained}"
         )
-    native = unet.config.sample_size * 8  # the VAE's 8x downsampling, as every SD1.5/SDXL VAE has
+    # the VAE's 8x downsampling, as every SD1.5/SDXL VAE has
+    native = unet.config.sample_size * 8
     if trained is None and resolution != native:
         print(
             f"warning: --data {data_dir} was encoded at resolution {resolution}, the UNet's native size is "

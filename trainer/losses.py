@@ -4,9 +4,11 @@ Every published offline Diffusion-DPO follow-up is a different function of the s
 reference × winner / loser) or a small change to the step, so they share one code path here. With
     m = (e_ref_w − e_ref_l) − (e_w − e_l)      (the reward margin: > 0 when the policy favours the winner more)
     h = β·m/2                                   (DiffusionDPO's `inside_term` with `scale_term = −0.5·β`)
-each loss in `PAIR_LOSSES` is `fn(model_err_w, model_err_l, ref_err_w, ref_err_l, *, beta, reduction, **params)`.
-`kto_loss`, `dspo_loss` and the SDPO safeguard need more than the four errors (per-image labels and a batch
-reference point; prediction tensors; the residuals) and have their own signatures.
+each loss whose loss-table entry reads the four errors (`inputs` ERRORS) is
+`fn(model_err_w, model_err_l, ref_err_w, ref_err_l, *, beta, reduction, **params)`. `kto_loss`, `dspo_loss` and the
+SDPO safeguard need more than the four errors (per-image labels and a batch reference point; prediction tensors;
+the residuals) and have their own signatures. What else the trainer knows of a loss (its passes, defaults, flags) is
+its entry in schemas/loss_table.py; `LOSS_FUNCTIONS` binds each entry to its function here.
 
 All are finite for β up to 1e9 and errors from 0 to 1e4: log σ is `F.logsigmoid`, never `log(sigmoid())`, and
 MaPO's f(x) = x/(eˣ − 1) is evaluated in the form that neither overflows nor divides 0 by 0.
@@ -17,29 +19,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from schemas.config import TRAIN_LOSSES
+from schemas.loss_table import LOSSES
 
 Reduction = Literal["mean", "none"]
-
-
-class PairLoss(Protocol):
-    def __call__(
-        self,
-        model_err_w: torch.Tensor,
-        model_err_l: torch.Tensor,
-        ref_err_w: torch.Tensor,
-        ref_err_l: torch.Tensor,
-        *,
-        beta: float,
-        reduction: Reduction = "mean",
-        **params: float,
-    ) -> torch.Tensor: ...
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -313,77 +300,7 @@ def scale_loser_gradient(model_err_l: torch.Tensor, scale: torch.Tensor | float)
     return detached + scale * (model_err_l - detached)
 
 
-PAIR_LOSSES: dict[str, PairLoss] = {
-    "dpo": dpo_loss,
-    "cdpo": cdpo_loss,
-    "ipo": ipo_loss,
-    "hinge": hinge_loss,
-    "dmpo": dmpo_loss,
-    "mapo": mapo_loss,
-    "sft": sft_loss,
-    "diffusion": diffusion_loss,
+# each loss table entry's function, by the name the entry gives (schemas/loss_table.py): a missing one fails here
+LOSS_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    name: globals()[spec.function] for name, spec in LOSSES.items()
 }
-LOSS_NAMES = TRAIN_LOSSES  # the --loss choices (schemas.config); test_losses checks each is implemented here
-REFERENCE_FREE = frozenset({"mapo", "sft", "diffusion"})
-WINNERS_ONLY = frozenset({"sft"})  # losses that never read the losers' errors: no loser pass at all
-
-
-@dataclass(frozen=True)
-class LossDefaults:
-    """A loss's published hyper-parameters: β per model family, its own parameters, and where they come from."""
-
-    beta: dict[str, float] = field(default_factory=dict)
-    params: dict[str, float] = field(default_factory=dict)
-    sdpo_mu: dict[str, float] = field(default_factory=dict)
-    source: str = ""
-
-
-LOSS_DEFAULTS: dict[str, LossDefaults] = {
-    "dpo": LossDefaults(
-        {"sd15": 5000.0, "sdxl": 5000.0},
-        sdpo_mu={"sd15": 0.9, "sdxl": 0.6},
-        source="SalesforceAIResearch/DiffusionDPO launchers/sd15.sh, sdxl.sh (β); "
-        "AIDC-AI/Diffusion-SDPO scripts/train/*_diffusion_dpo.sh (μ)",
-    ),
-    "cdpo": LossDefaults(
-        {"sd15": 5000.0, "sdxl": 5000.0},
-        {"label_smoothing": 0.1},
-        source="eric-mitchell/direct-preference-optimization trainers.py (form); β as dpo; ε 0.1 as in issue 13",
-    ),
-    "ipo": LossDefaults(
-        {"sd15": 5000.0, "sdxl": 5000.0},
-        source="huggingface/diffusers research_projects/diffusion_dpo (--beta_dpo 2500 on its scale = 5000 here)",
-    ),
-    "hinge": LossDefaults(
-        {"sd15": 5000.0, "sdxl": 5000.0},
-        source="huggingface/diffusers research_projects/diffusion_dpo (--beta_dpo 2500 on its scale = 5000 here)",
-    ),
-    "dmpo": LossDefaults(
-        {"sd15": 2000.0, "sdxl": 6000.0},
-        {"alpha": 0.01},
-        source="AIDC-AI/Diffusion-SDPO scripts/train/sd15_dmpo.sh, sdxl_dmpo.sh",
-    ),
-    "mapo": LossDefaults(
-        {"sd15": 0.1, "sdxl": 0.1},
-        {"scale": 0.5},  # temperature = the scheduler's num_train_timesteps, set by the trainer
-        source="mapo-t2i/mapo args.py (beta_mapo 0.1, snr_value 0.5), utils.py compute_loss (T)",
-    ),
-    "kto": LossDefaults(
-        {"sd15": 1000.0, "sdxl": 1000.0},
-        {"lambda_desirable": 1.0, "lambda_undesirable": 1.0},
-        source="jacklishufan/diffusion-kto train_kto_sd_v1.5.py argparse (beta_dpo 1000, lambda_d/u 1)",
-    ),
-    "dspo": LossDefaults(
-        {"sd15": 0.001, "sdxl": 0.001},
-        sdpo_mu={"sd15": 0.2, "sdxl": 0.2},
-        source="huaishengzhu/DSPO launchers/sd15.sh (β 0.001; SDXL's 5000 belongs to its other formula); "
-        "AIDC-AI/Diffusion-SDPO scripts/train/sd15_dspo.sh (μ)",
-    ),
-    "sft": LossDefaults(source="SalesforceAIResearch/DiffusionDPO --sft"),
-    "diffusion": LossDefaults(source="plain denoising of both images"),
-}
-
-
-def default_beta(loss: str, family: str) -> float:
-    """The published β for `loss` on `family` ("sd15" / "sdxl"); losses without a β get 0 (unused)."""
-    return LOSS_DEFAULTS[loss].beta.get(family, 0.0)

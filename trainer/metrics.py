@@ -25,7 +25,8 @@ class MetricWindow:
         self.seconds = 0.0
         self.wait = 0.0
         self.pairs = 0
-        self.grad_norm: torch.Tensor | None = None  # the last step's, read at summary time
+        # the last step's, read at summary time
+        self.grad_norm: torch.Tensor | None = None
 
     def add_step(self, result: StepResult, *, pairs: int) -> None:
         for values in result.metrics:
@@ -44,7 +45,8 @@ class MetricWindow:
         means = torch.stack([self.sums[k] for k in names]) / max(self.count, 1)
         means = accelerator.reduce(means.to(accelerator.device), "mean")
         timing = torch.tensor([self.seconds, self.wait], device=accelerator.device, dtype=torch.float64)
-        seconds, wait = accelerator.reduce(timing, "mean").tolist()  # mean over ranks
+        # mean over ranks
+        seconds, wait = accelerator.reduce(timing, "mean").tolist()
         out = {k: float(v) for k, v in zip(names, means.tolist(), strict=True)}
         out.update(
             grad_norm=float(self.grad_norm) if self.grad_norm is not None else 0.0,

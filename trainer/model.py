@@ -22,14 +22,11 @@ from schemas.errors import InputError
 from schemas.manifest import Manifest
 from schemas.sample import model_family
 from schemas.seeds import seed_of
+from trainer.data import check_checksums
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-# SDXL micro-conditioning. "constant": (R, R, 0, 0, R, R) for every image, as DiffusionDPO's train.py does and as
-# SDXL pipelines condition at inference by default; "image": each image's original size and crop, as diffusers'
-# train_text_to_image_sdxl.py and MaPO do. See TrainConfig.sdxl_time_ids for the default.
-_NOISE_DOMAIN = (
-    0x4E4F495345  # keeps training-noise seeds apart from the data stream's (seed, slot, batch) seeds
-)
+# keeps training-noise seeds apart from the data stream's (seed, slot, batch) seeds
+_NOISE_DOMAIN = 0x4E4F495345
 
 
 def has_lora(unet: torch.nn.Module) -> bool:
@@ -39,10 +36,15 @@ def has_lora(unet: torch.nn.Module) -> bool:
 
 @dataclass
 class Models:
+    # the UNet being trained, never wrapped (training goes through Trainer.prepared_policy, its prepared form)
     policy: UNet2DConditionModel
-    reference: UNet2DConditionModel | None  # None: the policy with its LoRA adapters disabled
+    # None: the policy with its LoRA adapters disabled
+    reference: UNet2DConditionModel | None
     scheduler: DDPMScheduler
-    sdxl_time_ids: str = "constant"  # one of SDXL_TIME_IDS
+    # SDXL micro-conditioning, one of SDXL_TIME_IDS. "constant": (R, R, 0, 0, R, R) for every image, as
+    # DiffusionDPO's train.py does and as SDXL pipelines condition at inference by default; "image": each image's
+    # original size and crop, as diffusers' train_text_to_image_sdxl.py and MaPO do
+    sdxl_time_ids: str = "constant"
 
     @cached_property
     def is_lora(self) -> bool:
@@ -56,20 +58,15 @@ def load_models(
     lora_rank: int = 0,
     lora_alpha: float | None = None,
     need_reference: bool = True,
-    unet_dir: str | None = None,
     gradient_checkpointing: bool = False,
     reference_dtype: torch.dtype = torch.float32,
     sdxl_time_ids: str = "constant",
 ) -> Models:
-    """Load `model`'s unet/ and scheduler/ (or the UNet from `unet_dir`), add LoRA when lora_rank > 0."""
+    """Load `model`'s unet/ and scheduler/, add LoRA when lora_rank > 0."""
     if sdxl_time_ids not in SDXL_TIME_IDS:
         raise ValueError(f"sdxl_time_ids must be one of {SDXL_TIME_IDS}, got {sdxl_time_ids!r}")
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-    policy = (
-        UNet2DConditionModel.from_pretrained(unet_dir)
-        if unet_dir
-        else UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    )
+    policy = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     reference = None
     if lora_rank > 0:
         policy.requires_grad_(False)
@@ -172,7 +169,8 @@ def pair_forward(
     dtype = next(unet.parameters()).dtype
     prompt = batch["prompt_embeds"]
     added = None
-    if "pooled_prompt_embeds" in batch:  # SDXL: pooled text + time ids
+    # SDXL: pooled text + time ids
+    if "pooled_prompt_embeds" in batch:
         pooled = batch["pooled_prompt_embeds"]
         added = {
             "text_embeds": torch.cat([pooled] * sides).to(dtype),
@@ -242,10 +240,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def check_data_fits_model(data_dir: str, flag: str, model: str) -> Manifest:
-    """The manifest of `data_dir`, refused (InputError naming the flag) when it is missing or was encoded for
-    another model family or shape than `model`'s UNet: checked before any work, not as a shape error in step 1."""
+    """The manifest of `data_dir`, refused (InputError naming the flag) when it is missing, has no checksums or was
+    encoded for another model family or shape than `model`'s UNet: checked before any work, not as a shape error
+    in step 1."""
     try:
         manifest = Manifest.load(data_dir)
+        check_checksums(manifest, data_dir)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(f"{flag} {data_dir}: {e}") from None
     config = UNet2DConditionModel.load_config(model, subfolder="unet")

@@ -3,7 +3,8 @@
 Every loss runs on the same step: one policy pass over [winners; losers] with the pair's shared noise and timestep,
 one reference pass unless the loss is reference-free (mapo, sft, diffusion: no reference UNet is loaded at all), and
 for KTO with a mismatched reference point one more no-grad pass of each over images paired with another pair's
-caption. The formulas themselves are the plain functions of trainer/losses.py.
+caption. Which of these a loss needs, its defaults and how its function is called are its entry in the loss table
+(schemas/loss_table.py); the formulas themselves are the plain functions of trainer/losses.py.
 """
 
 from __future__ import annotations
@@ -15,30 +16,17 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from schemas.config import TrainConfig
+from schemas.loss_table import LOSSES, NUM_TRAIN_TIMESTEPS, PER_IMAGE, PREDICTIONS, LossSpec, default_beta
 from trainer.losses import (
-    LOSS_DEFAULTS,
-    PAIR_LOSSES,
-    REFERENCE_FREE,
-    WINNERS_ONLY,
-    default_beta,
+    LOSS_FUNCTIONS,
     dpo_logits,
-    dspo_loss,
     implicit_accuracy,
-    kto_loss,
     kto_reference_point,
     reward_margin,
     scale_loser_gradient,
     sdpo_loser_scale,
 )
 from trainer.model import Models, PairOutput, pair_forward, reference_forward
-
-# config field → the loss function's keyword, per loss (the defaults live in LOSS_DEFAULTS)
-LOSS_FLAGS: dict[str, dict[str, str]] = {
-    "cdpo": {"label_smoothing": "label_smoothing"},
-    "dmpo": {"dmpo_alpha": "alpha"},
-    "mapo": {"mapo_scale": "scale", "mapo_temperature": "temperature"},
-    "kto": {"kto_lambda_desirable": "lambda_desirable", "kto_lambda_undesirable": "lambda_undesirable"},
-}
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -55,28 +43,32 @@ class Objective:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, family: str, num_train_timesteps: int) -> Objective:
-        defaults = LOSS_DEFAULTS[cfg.loss]
-        params = dict(defaults.params)
-        if cfg.loss == "mapo":
-            params["temperature"] = float(num_train_timesteps)
-        for flag, name in LOSS_FLAGS.get(cfg.loss, {}).items():
-            if getattr(cfg, flag) is not None:
-                params[name] = getattr(cfg, flag)
+        """Each parameter from its flag, else its published default (MaPO's T: the scheduler's timesteps)."""
+        params = {}
+        for param in LOSSES[cfg.loss].params:
+            value = getattr(cfg, param.flag)
+            if value is None:
+                value = float(num_train_timesteps) if param.default == NUM_TRAIN_TIMESTEPS else param.default
+            params[param.keyword] = value
         beta = cfg.beta if cfg.beta is not None else default_beta(cfg.loss, family)
         return cls(cfg.loss, beta, params, cfg.sdpo_mu, cfg.kto_reference_point)
 
     @property
+    def spec(self) -> LossSpec:
+        return LOSSES[self.loss]
+
+    @property
     def needs_reference(self) -> bool:
-        return self.loss not in REFERENCE_FREE
+        return self.spec.reference
 
     @property
     def needs_losers(self) -> bool:
         """A winners-only loss (SFT) skips the losers in its policy pass: half the step's compute."""
-        return self.loss not in WINNERS_ONLY
+        return not self.spec.winners_only
 
     @property
     def needs_mismatched_pass(self) -> bool:
-        return self.loss == "kto" and self.kto_reference_point == "mismatched"
+        return self.spec.mismatched_pass and self.kto_reference_point == "mismatched"
 
     def __call__(
         self,
@@ -89,12 +81,13 @@ class Objective:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one micro-batch and its metrics (detached batch means). `mismatched` = (policy, reference)
         errors of the mismatched pass for KTO; `mean_over_processes` averages KTO's reference point across ranks."""
+        function = LOSS_FUNCTIONS[self.loss]
         err_w, err_l = policy.errors
         stats = {"policy_err_w": err_w.detach().mean()}
         if err_l is not None:
             stats["policy_err_l"] = err_l.detach().mean()
         if reference is None:
-            return PAIR_LOSSES[self.loss](err_w, err_l, None, None, beta=self.beta, **self.params), stats
+            return function(err_w, err_l, None, None, beta=self.beta, **self.params), stats
         ref_w, ref_l = reference.errors
         stats.update(
             ref_err_w=ref_w.mean(),
@@ -106,17 +99,20 @@ class Objective:
             scale = sdpo_loser_scale(*(policy.pred - policy.target).chunk(2), self.sdpo_mu)
             err_l = scale_loser_gradient(err_l, scale)
             stats["sdpo_loser_scale"] = scale
-        if self.loss == "kto":
-            return self._kto(policy, reference, mismatched, mean_over_processes, stats)
-        if self.loss == "dspo":
+        if self.spec.inputs == PER_IMAGE:
+            return self._per_image(policy, reference, mismatched, mean_over_processes, stats)
+        if self.spec.inputs == PREDICTIONS:
             pred_w, target_w = policy.pred.chunk(2)[0], policy.target.chunk(2)[0]
             ref_pred_w = reference.pred.chunk(2)[0]
-            return dspo_loss(pred_w, ref_pred_w, target_w, err_w, err_l, ref_w, ref_l, beta=self.beta), stats
-        extra = {"label": label} if self.loss == "dpo" else {}
-        loss = PAIR_LOSSES[self.loss](err_w, err_l, ref_w, ref_l, beta=self.beta, **self.params, **extra)
+            loss = function(
+                pred_w, ref_pred_w, target_w, err_w, err_l, ref_w, ref_l, beta=self.beta, **self.params
+            )
+            return loss, stats
+        extra = {"label": label} if self.spec.soft_labels else {}
+        loss = function(err_w, err_l, ref_w, ref_l, beta=self.beta, **self.params, **extra)
         return loss, stats
 
-    def _kto(
+    def _per_image(
         self,
         policy: PairOutput,
         reference: PairOutput,
@@ -124,14 +120,17 @@ class Objective:
         mean_over_processes: Reduce,
         stats: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per image: the winners desirable, the losers undesirable (as Diffusion-KTO's `gt_label` policies do)."""
+        """KTO's form: per image, the winners desirable, the losers undesirable (as Diffusion-KTO's `gt_label`
+        policies do), against a reference point from the mismatched pass or the batch itself."""
         model_err = torch.cat(policy.errors)
         ref_err = torch.cat(reference.errors)
         desirable = torch.arange(len(model_err), device=model_err.device) < len(policy.err_w)
         kl_model, kl_ref = mismatched if mismatched is not None else (model_err, ref_err)
         z0 = kto_reference_point(kl_model, kl_ref, mean_over_processes)
         stats["kto_reference_point"] = z0
-        loss = kto_loss(model_err, ref_err, desirable, beta=self.beta, reference_point=z0, **self.params)
+        loss = LOSS_FUNCTIONS[self.loss](
+            model_err, ref_err, desirable, beta=self.beta, reference_point=z0, **self.params
+        )
         return loss, stats
 
 

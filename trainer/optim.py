@@ -34,7 +34,8 @@ def build_optimizer(
             eps=cfg.adam_epsilon,
             **kernel,
         )
-    if cfg.optimizer == "adafactor":  # the official SDXL choice: fixed lr, update clipping at 1.0
+    # the official SDXL choice: fixed lr, update clipping at 1.0
+    if cfg.optimizer == "adafactor":
         return Adafactor(
             params,
             lr=lr,

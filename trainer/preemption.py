@@ -41,7 +41,8 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signum = signum
-        for sig in STOP_SIGNALS:  # a second signal: the default action (terminate) at once
+        # a second signal: the default action (terminate) at once
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         print(
             f"\nreceived {signal.Signals(signum).name}: finishing the current step, then writing a checkpoint "
@@ -74,7 +75,8 @@ def stop_workers_at_exit() -> None:
 def _kill_children() -> None:
     children = multiprocessing.active_children()
     if children:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would call the kill a worker failure
+        # torch's handler would call the kill a worker failure
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in children:
         child.kill()
         child.join()

@@ -5,8 +5,10 @@ id. So a fresh start never writes over another run, pruning only ever deletes th
 `--resume latest` only continues the run the directory holds. `OUT/.lock` is held (lockf) by the main process for
 the whole run: a second trainer on the same directory stops at once instead of interleaving checkpoints.
 
-On resume, hyper-parameters in RESUMABLE come from the command line and each change is printed; any other change
-(the loss, β, the data, the model, the seed, the batch topology, LoRA, the optimizer) is refused, naming the keys.
+`preflight` decides where a run starts from these files alone, before anything is written. On resume, each
+TrainConfig field is compared by its rule (schemas.options.Resume): `applied` ones come from the command line and
+each change is printed; any other change (the loss, β, the seed, the batch topology, LoRA, the optimizer) is
+refused, naming the keys; the data and the model are compared by content.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -25,46 +27,18 @@ from typing import IO, Any
 from schemas.atomic import atomic_write_json, read_json
 from schemas.config import TrainConfig
 from schemas.errors import InputError
+from schemas.loss_table import default_beta, family_setting
 from schemas.manifest import Manifest
-from trainer.checkpoint import CHECKPOINTS, list_checkpoints
-from trainer.losses import default_beta
+from schemas.options import Resume, rules
+from trainer.checkpoint import CHECKPOINTS, FINAL, check_topology, data_topology, list_checkpoints
+from trainer.model import check_data_fits_model
 
-RUN_FILE = "run.json"
+# OUT/run.json: the id, model and data summary of the run the directory holds
+RUN_RECORD = "run.json"
 LOCK_FILE = ".lock"
-TRACKER_DIR = "train"  # accelerate's tensorboard logs of the run, `accelerator.init_trackers("train")`
-
-# may differ on resume: applied, and the change printed
-RESUMABLE = (
-    "learning_rate",
-    "scale_lr",
-    "lr_scheduler",
-    "lr_warmup_steps",
-    "max_steps",
-    "max_grad_norm",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_weight_decay",
-    "adam_epsilon",
-    "mixed_precision",
-    "gradient_checkpointing",
-    "allow_tf32",
-    "compile",
-    "compile_mode",
-    "channels_last",
-    "adamw_impl",
-    "attention_backend",
-    "checkpoint_every",
-    "checkpoints_total_limit",
-    "log_every",
-    "val_data",
-    "eval_every",
-    "eval_max_pairs",
-    "eval_draws",
-    "report_to",
-    "max_skipped_fraction",
-)
-# where the run is, not what it is: never compared
-_NOT_COMPARED = ("output_dir", "resume", "overwrite_output_dir", "data", "model", "fixed_batch", "data_only")
+# accelerate's tensorboard logs of the run, `accelerator.init_trackers(TRACKER_DIR)`
+TRACKER_DIR = "train"
+RESUME_RULES = rules(TrainConfig)
 
 
 def data_summary(data_dir: str | Path) -> dict[str, Any]:
@@ -99,18 +73,22 @@ def holds_run(output_dir: str | Path) -> str | None:
     """What in `output_dir` belongs to an earlier run (None when nothing does)."""
     out = Path(output_dir)
     found = []
-    if (out / RUN_FILE).is_file():
-        found.append(f"run {read_json(out / RUN_FILE).get('run_id')}")
+    if (out / RUN_RECORD).is_file():
+        found.append(f"run {read_json(out / RUN_RECORD).get('run_id')}")
     if checkpoints := list_checkpoints(out):
         found.append(f"{len(checkpoints)} checkpoints up to {checkpoints[-1].name}")
-    if (out / "final").exists():
+    if (out / FINAL).exists():
         found.append("a final/ export")
     return ", ".join(found) or None
 
 
 def current_run_id(output_dir: str | Path) -> str | None:
-    path = Path(output_dir) / RUN_FILE
+    path = Path(output_dir) / RUN_RECORD
     return read_json(path).get("run_id") if path.is_file() else None
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
 
 
 def choose_start(cfg: TrainConfig) -> tuple[Path | None, str]:
@@ -122,18 +100,17 @@ def choose_start(cfg: TrainConfig) -> tuple[Path | None, str]:
     if cfg.overwrite_output_dir:
         if cfg.resume:
             raise InputError("--overwrite-output-dir starts a new run; it cannot be combined with --resume")
-        return None, uuid.uuid4().hex[:12]
+        return None, new_run_id()
     if not cfg.resume:
         if held:
             raise InputError(
                 f"--output-dir {out} already holds a run ({held}); pass --resume latest to continue it, "
                 "--overwrite-output-dir to replace it, or choose another --output-dir"
             )
-        return None, uuid.uuid4().hex[:12]
+        return None, new_run_id()
     run_id = current_run_id(out)
-    if (
-        run_id is None
-    ):  # no run.json (checkpoints copied in, or written before run ids): the run they agree on
+    # no run.json (checkpoints copied in without it): the run they agree on
+    if run_id is None:
         ids = {read_json(p / "state.json").get("run_id") for p in list_checkpoints(out)}
         if len(ids) > 1:
             raise InputError(
@@ -142,30 +119,35 @@ def choose_start(cfg: TrainConfig) -> tuple[Path | None, str]:
             )
         run_id = next(iter(ids), None)
     if cfg.resume == "latest":
-        own = list_checkpoints(out, run_id=run_id)
+        own = list_checkpoints(out, run_id=run_id) if run_id else []
         if own:
-            return own[-1], run_id or uuid.uuid4().hex[:12]  # a run from before run ids is adopted
-        if (out / "final").exists() or list_checkpoints(out):
+            return own[-1], run_id
+        if (out / FINAL).exists() or list_checkpoints(out):
             raise InputError(
                 f"--resume latest: {out} holds {held}, but no checkpoint of its run "
                 f"{run_id or '(none recorded)'}; pass --overwrite-output-dir to start again"
             )
-        return None, run_id or uuid.uuid4().hex[:12]  # killed before its first checkpoint: start it again
+        # killed before its first checkpoint: start it again
+        return None, run_id or new_run_id()
     path = Path(cfg.resume)
     if not (path / "state.json").is_file():
         raise InputError(f"--resume {path}: no state.json there; not a complete checkpoint")
     theirs = read_json(path / "state.json").get("run_id")
+    if theirs is None:
+        raise InputError(
+            f"--resume {path}: its state.json records no run id (written by an earlier version); start a new run"
+        )
     if held and run_id != theirs:
         raise InputError(
             f"--resume {path} is a checkpoint of run {theirs}, but --output-dir {out} holds another run ({held}); "
             "resume into an empty --output-dir or that run's own"
         )
-    return path, theirs or uuid.uuid4().hex[:12]
+    return path, theirs
 
 
 def with_resolved_beta(config: dict[str, Any], family: str) -> dict[str, Any]:
     """β unset means the loss's published value, so giving that value explicitly on resume is no change."""
-    if config.get("beta") is None and "loss" in config:
+    if config["beta"] is None:
         return {**config, "beta": default_beta(config["loss"], family)}
     return config
 
@@ -173,22 +155,24 @@ def with_resolved_beta(config: dict[str, Any], family: str) -> dict[str, Any]:
 def check_resume_config(
     path: Path, saved: dict[str, Any], cfg: TrainConfig, data: dict[str, Any]
 ) -> list[str]:
-    """Refuse changes that would corrupt the run; return the allowed ones as lines to print."""
-    old = with_resolved_beta(saved.get("config", {}), data["model_family"])
+    """Refuse changes that would corrupt the run; return the allowed ones as lines to print. A field the checkpoint
+    does not record compares as None (its value unknown): refused unless its rule applies it."""
+    old = with_resolved_beta(saved["config"], data["model_family"])
     new = with_resolved_beta(asdict(cfg), data["model_family"])
     refused = []
     changed = []
     for key, value in new.items():
-        if key in _NOT_COMPARED or key not in old or old[key] == value:
+        rule = RESUME_RULES[key]
+        if rule is Resume.NOT_COMPARED or old.get(key) == value:
             continue
-        line = f"{key}: checkpoint {old[key]!r}, now {value!r}"
-        (changed if key in RESUMABLE else refused).append(line)
-    if "data" in saved and saved["data"]["fingerprint"] != data["fingerprint"]:
+        line = f"{key}: checkpoint {old.get(key)!r}, now {value!r}"
+        (changed if rule is Resume.APPLIED else refused).append(line)
+    if saved["data"]["fingerprint"] != data["fingerprint"]:
         refused.append(
             f"data: {cfg.data} is not the data the run trained on (fingerprint {data['fingerprint']}, "
             f"checkpoint {saved['data']['fingerprint']})"
         )
-    if "model" in saved and saved["model"] != model_id(cfg.model):
+    if saved["model"] != model_id(cfg.model):
         refused.append(f"model: checkpoint {saved['model']!r}, now {model_id(cfg.model)!r}")
     if refused:
         raise InputError(
@@ -198,11 +182,50 @@ def check_resume_config(
     return [f"resume: {line} (applied)" for line in changed]
 
 
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts, decided from files alone before any process group, model or output is touched."""
+
+    # None: step 0
+    resume_from: Path | None
+    run_id: str
+    # run_dir.data_summary of --data
+    data: dict[str, Any]
+    topology: dict[str, int]
+    # hyper-parameters changed on resume, as lines to print
+    changes: list[str]
+
+
+def preflight(cfg: TrainConfig, world_size: int) -> Start:
+    """Every check that needs no model: data and held-out data against the model and each other, the loss against
+    the model family, the output directory, and what a resume may change. Raises InputError naming the flag or
+    file."""
+    manifest = check_data_fits_model(cfg.data, "--data", cfg.model)
+    family_setting(cfg.loss, manifest.model_family)
+    if cfg.val_data:
+        val = check_data_fits_model(cfg.val_data, "--val-data", cfg.model)
+        if val.resolution != manifest.resolution or val.latent_shape != manifest.latent_shape:
+            raise InputError(
+                f"--val-data {cfg.val_data} was encoded at resolution {val.resolution}, --data {cfg.data} at "
+                f"{manifest.resolution}: held-out numbers would measure the resolution change. Encode both at the "
+                "same resolution"
+            )
+    data = data_summary(cfg.data)
+    topology = data_topology(cfg, world_size)
+    resume_from, run_id = choose_start(cfg)
+    changes = []
+    if resume_from is not None:
+        saved = read_json(resume_from / "state.json")
+        check_topology(resume_from, saved, topology)
+        changes = check_resume_config(resume_from, saved, cfg, data)
+    return Start(resume_from, run_id, data, topology, changes)
+
+
 def begin_run(cfg: TrainConfig, run_id: str, data: dict[str, Any]) -> None:
     """Main process, after every check passed: clear a replaced run, then record this one."""
     out = Path(cfg.output_dir)
     if cfg.overwrite_output_dir:
-        for name in (CHECKPOINTS, "final", TRACKER_DIR, RUN_FILE):
+        for name in (CHECKPOINTS, FINAL, TRACKER_DIR, RUN_RECORD):
             path = out / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -210,7 +233,7 @@ def begin_run(cfg: TrainConfig, run_id: str, data: dict[str, Any]) -> None:
                 path.unlink()
     if current_run_id(out) != run_id:
         atomic_write_json(
-            out / RUN_FILE,
+            out / RUN_RECORD,
             {
                 "run_id": run_id,
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -218,8 +241,9 @@ def begin_run(cfg: TrainConfig, run_id: str, data: dict[str, Any]) -> None:
                 "data": data,
             },
         )
+    # a save killed half-way; never a checkpoint
     for stale in (out / CHECKPOINTS).glob("step_*.tmp") if (out / CHECKPOINTS).is_dir() else []:
-        shutil.rmtree(stale)  # a save killed half-way; never a checkpoint
+        shutil.rmtree(stale)
 
 
 def lock_output_dir(output_dir: str | Path) -> IO[str]:
@@ -231,7 +255,8 @@ def lock_output_dir(output_dir: str | Path) -> IO[str]:
     handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run's lifetime
     try:
         fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, as the platform reports a held record lock
+    # EAGAIN or EACCES, as the platform reports a held record lock
+    except (BlockingIOError, PermissionError):
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
-from diffusers import UNet2DConditionModel
 from torch.optim.lr_scheduler import LRScheduler
 
 from schemas.config import TrainConfig
@@ -31,28 +30,34 @@ class Trainer:
 
     cfg: TrainConfig
     accelerator: Accelerator
-    models: Models  # the scheduler and the frozen reference (None for LoRA or a loss without one)
-    unet: (
-        torch.nn.Module
-    )  # the policy as accelerate prepared it (DDP-wrapped on many processes): train through it
-    policy: UNet2DConditionModel  # the same policy unwrapped: checkpoints, evaluation, LoRA's reference pass
+    # the policy itself (models.policy: checkpoints, evaluation, the no-grad passes, LoRA's reference), the
+    # scheduler, and the frozen reference (None for LoRA or a loss without one)
+    models: Models
+    # models.policy as accelerate prepared it (DDP-wrapped on many processes): the training forward and backward
+    prepared_policy: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_scheduler: LRScheduler
-    objective: Objective  # the --loss with its resolved hyper-parameters
-    family: str  # "sd15" or "sdxl", from the data's manifest
-    stop: StopRequest = field(default_factory=StopRequest)  # set by a signal handler, read once per step
+    # the --loss with its resolved hyper-parameters
+    objective: Objective
+    # "sd15" or "sdxl", from the data's manifest
+    family: str
+    # set by a signal handler, read once per step
+    stop: StopRequest = field(default_factory=StopRequest)
 
 
 @dataclass
 class StepResult:
-    metrics: list[
-        dict[str, torch.Tensor]
-    ]  # per micro-batch: the loss and the objective's statistics, on the device
-    grad_norm: torch.Tensor  # total gradient norm before clipping, on the device
-    skipped: bool  # a loss or gradient was non-finite on some rank, so no update was applied
-    stop: bool  # some rank was asked to stop: every rank stops after this step
+    # per micro-batch: the loss and the objective's statistics, on the device
+    metrics: list[dict[str, torch.Tensor]]
+    # total gradient norm before clipping, on the device
+    grad_norm: torch.Tensor
+    # a loss or gradient was non-finite on some rank, so no update was applied
+    skipped: bool
+    # some rank was asked to stop: every rank stops after this step
+    stop: bool
     seconds: float
-    data_wait_s: float  # of `seconds`, spent waiting for the input pipeline
+    # of `seconds`, spent waiting for the input pipeline
+    data_wait_s: float
 
 
 def train_step(trainer: Trainer, state: TrainState, batches: Iterator[dict]) -> StepResult:
@@ -68,7 +73,7 @@ def train_step(trainer: Trainer, state: TrainState, batches: Iterator[dict]) -> 
         data_wait += time.perf_counter() - wait_start
         batch = _with_noise(batch, trainer, state.micro_step)
         state.micro_step += 1
-        with accelerator.accumulate(trainer.unet):
+        with accelerator.accumulate(trainer.prepared_policy):
             loss, stats = micro_batch_loss(trainer, batch)
             finite &= torch.isfinite(loss)
             accelerator.backward(loss)
@@ -102,17 +107,17 @@ def micro_batch_loss(trainer: Trainer, batch: dict) -> tuple[torch.Tensor, dict[
     noise, timesteps = batch["noise"], batch["timesteps"]
     with accelerator.autocast():
         ref = (
-            reference_forward(models, trainer.policy, batch, noise, timesteps)
+            reference_forward(models, models.policy, batch, noise, timesteps)
             if objective.needs_reference
             else None
         )
         mismatched = (
-            mismatched_errors(models, trainer.policy, batch, noise, timesteps)
+            mismatched_errors(models, models.policy, batch, noise, timesteps)
             if objective.needs_mismatched_pass
             else None
         )
         pol = pair_forward(
-            trainer.unet,
+            trainer.prepared_policy,
             models.scheduler,
             batch,
             noise,
@@ -135,7 +140,7 @@ def apply_gradients(trainer: Trainer, finite: torch.Tensor) -> tuple[torch.Tenso
     cfg, accelerator = trainer.cfg, trainer.accelerator
     assert accelerator.sync_gradients, "an optimizer step must end on an accumulation boundary"
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-    grad_norm = accelerator.clip_grad_norm_(trainer.unet.parameters(), max_norm)
+    grad_norm = accelerator.clip_grad_norm_(trainer.prepared_policy.parameters(), max_norm)
     finite = finite & torch.isfinite(grad_norm)
     # torch.full is a fill kernel; torch.tensor(x, device=cuda) would be a second, synchronising host copy
     stop_flag = torch.full((), float(trainer.stop.requested), device=finite.device)
@@ -143,7 +148,8 @@ def apply_gradients(trainer: Trainer, finite: torch.Tensor) -> tuple[torch.Tenso
     skipped, stop = (v != 0 for v in accelerator.reduce(flags, "sum").tolist())
     if not skipped:
         trainer.optimizer.step()
-    elif accelerator.scaler is not None:  # fp16: lower the loss scale, as a scaler skip would
+    elif accelerator.scaler is not None:
+        # fp16: lower the loss scale, as a scaler skip would
         accelerator.scaler.update()
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.lr_scheduler.step()

@@ -30,7 +30,6 @@ class TextEmbeddingStore:
         self.required = text_tensor_names(manifest.pooled_embed_dim is not None)
         self.embed_shape = tuple(manifest.text_embed_shape)
         self.empty_key = manifest.empty_caption_key
-        self.verified = manifest.checksum is not None
         # key -> (index into self.paths, byte offset of the member's data, size in bytes); nothing else is held
         self.index: dict[str, tuple[int, int, int]] = {}
         for i, path in enumerate(self.paths):
@@ -43,7 +42,8 @@ class TextEmbeddingStore:
         self._pid = os.getpid()
         self._empty: dict[str, torch.Tensor] | None = None
         self.cache_bytes = cache_bytes
-        self._cache: OrderedDict[str, bytes] = OrderedDict()  # remote members, least recently used first
+        # remote members, least recently used first
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cached = 0
 
     def __len__(self) -> int:
@@ -59,7 +59,8 @@ class TextEmbeddingStore:
                 os.close(fd)
 
     def _fd(self, i: int) -> int:
-        if self._pid != os.getpid():  # forked: the parent's descriptors are not ours to share or close
+        # forked: the parent's descriptors are not ours to share or close
+        if self._pid != os.getpid():
             self._fds, self._pid = {}, os.getpid()
         if i not in self._fds:
             self._fds[i] = os.open(self.paths[i], os.O_RDONLY)
@@ -80,7 +81,7 @@ class TextEmbeddingStore:
         )
         if len(data) != size:
             raise ValueError(f"{where}: truncated member ({len(data)} of {size} bytes)")
-        tensors = decode_tensors(data, self.required, where, require_checksum=self.verified)
+        tensors = decode_tensors(data, self.required, where, require_checksum=True)
         if tuple(tensors["prompt_embeds"].shape) != self.embed_shape:
             raise ValueError(
                 f"{where}: prompt_embeds shape {list(tensors['prompt_embeds'].shape)}, "

@@ -20,37 +20,27 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import asdict
 
 import torch
 from accelerate import Accelerator, PartialState
 from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from schemas.atomic import read_json
 from schemas.config import TrainConfig, parse_config
 from schemas.errors import InputError
+from schemas.loss_table import LOSSES, default_beta
 from schemas.manifest import Manifest
 from schemas.sample import TORCH_DTYPES
-from trainer.checkpoint import TrainState, check_topology, export_final, load_checkpoint, save_checkpoint
+from trainer.checkpoint import FINAL, TrainState, export_final, load_checkpoint, save_checkpoint
 from trainer.data import LatentPairStream, make_loader
 from trainer.evaluate import evaluate, strict_json
-from trainer.losses import REFERENCE_FREE, default_beta
 from trainer.metrics import MetricWindow, RunClock
-from trainer.model import Models, check_data_fits_model, load_models, to_device
+from trainer.model import Models, load_models, to_device
 from trainer.objective import Objective
 from trainer.optim import build_lr_scheduler, build_optimizer, effective_lr
 from trainer.preemption import EXIT_PREEMPTED, StopRequest
-from trainer.run_dir import (
-    begin_run,
-    check_resume_config,
-    choose_start,
-    data_summary,
-    lock_output_dir,
-    model_id,
-)
+from trainer.run_dir import TRACKER_DIR, Start, begin_run, lock_output_dir, model_id, preflight
 from trainer.speed import attention_backend, compile_in_place, to_channels_last
 from trainer.step import Trainer, train_step
 
@@ -140,13 +130,14 @@ def build_trainer(cfg: TrainConfig, accelerator: Accelerator, stop: StopRequest 
         cfg.model,
         lora_rank=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
-        need_reference=cfg.loss not in REFERENCE_FREE,
+        need_reference=LOSSES[cfg.loss].reference,
         gradient_checkpointing=cfg.gradient_checkpointing,
         reference_dtype=TORCH_DTYPES[cfg.mixed_precision],
         sdxl_time_ids=cfg.sdxl_time_ids,
     )
+    # frozen, so never prepared (no DDP, no optimizer)
     if models.reference is not None:
-        models.reference.to(accelerator.device)  # frozen, so never prepared (no DDP, no optimizer)
+        models.reference.to(accelerator.device)
     if cfg.channels_last:
         to_channels_last(models.policy, models.reference)
     if cfg.compile:
@@ -154,16 +145,14 @@ def build_trainer(cfg: TrainConfig, accelerator: Accelerator, stop: StopRequest 
     lr = effective_lr(cfg, accelerator.num_processes)
     optimizer = build_optimizer((p for p in models.policy.parameters() if p.requires_grad), cfg, lr)
     lr_scheduler = build_lr_scheduler(optimizer, cfg)
-    unet, optimizer = accelerator.prepare(models.policy, optimizer)
-    policy = accelerator.unwrap_model(unet)
+    prepared_policy, optimizer = accelerator.prepare(models.policy, optimizer)
     family = Manifest.load(cfg.data).model_family
     objective = Objective.from_config(cfg, family, models.scheduler.config.num_train_timesteps)
     return Trainer(
         cfg,
         accelerator,
         models,
-        unet,
-        policy,
+        prepared_policy,
         optimizer,
         lr_scheduler,
         objective,
@@ -178,7 +167,7 @@ def resume(trainer: Trainer, start: Start) -> TrainState:
     if start.resume_from is None:
         return TrainState()
     state = load_checkpoint(
-        start.resume_from, trainer.accelerator, trainer.policy, trainer.optimizer, trainer.lr_scheduler
+        start.resume_from, trainer.accelerator, trainer.models.policy, trainer.optimizer, trainer.lr_scheduler
     )
     trainer.accelerator.print(
         f"resumed run {start.run_id} from {start.resume_from} at step {state.global_step}"
@@ -228,47 +217,13 @@ def log_window(trainer: Trainer, window: MetricWindow, state: TrainState, progre
     )
 
 
-@dataclass(frozen=True)
-class Start:
-    """Where a run starts, decided from files alone before any process group, model or output is touched."""
-
-    resume_from: Path | None  # None: step 0
-    run_id: str
-    data: dict[str, Any]  # run_dir.data_summary of --data
-    topology: dict[str, int]
-    changes: list[str]  # hyper-parameters changed on resume, as lines to print
-
-
-def preflight(cfg: TrainConfig, world_size: int) -> Start:
-    """Every check that needs no model: data and held-out data against the model and each other, the output
-    directory, and what a resume may change. Raises InputError naming the flag or file."""
-    manifest = check_data_fits_model(cfg.data, "--data", cfg.model)
-    if cfg.val_data:
-        val = check_data_fits_model(cfg.val_data, "--val-data", cfg.model)
-        if val.resolution != manifest.resolution or val.latent_shape != manifest.latent_shape:
-            raise InputError(
-                f"--val-data {cfg.val_data} was encoded at resolution {val.resolution}, --data {cfg.data} at "
-                f"{manifest.resolution}: held-out numbers would measure the resolution change. Encode both at the "
-                "same resolution"
-            )
-    data = data_summary(cfg.data)
-    topology = {"world_size": world_size, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers}
-    resume_from, run_id = choose_start(cfg)
-    changes = []
-    if resume_from is not None:
-        saved = read_json(resume_from / "state.json")
-        check_topology(resume_from, saved, topology)
-        changes = check_resume_config(resume_from, saved, cfg, data)
-    return Start(resume_from, run_id, data, topology, changes)
-
-
 def checkpoint(trainer: Trainer, state: TrainState, start: Start) -> None:
     cfg = trainer.cfg
     save_checkpoint(
         trainer.accelerator,
         cfg.output_dir,
         state,
-        trainer.policy,
+        trainer.models.policy,
         trainer.optimizer,
         trainer.lr_scheduler,
         {
@@ -283,13 +238,14 @@ def checkpoint(trainer: Trainer, state: TrainState, start: Start) -> None:
     )
 
 
-def eval_models(models: Models, policy: UNet2DConditionModel, model: str) -> Models:
+def eval_models(models: Models, model: str) -> Models:
     """The reference for held-out accuracy: the run's own, or for a reference-free full fine-tune (mapo, sft) the
     base UNet, loaded for the evaluation only, so that its implicit accuracy measures what training changed."""
     if models.reference is not None or models.is_lora:
         return models
-    base = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(next(policy.parameters()).device)
-    return Models(policy, base.requires_grad_(False).eval(), models.scheduler)
+    device = next(models.policy.parameters()).device
+    base = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(device)
+    return Models(models.policy, base.requires_grad_(False).eval(), models.scheduler)
 
 
 def too_many_skipped(cfg: TrainConfig, state: TrainState, *, finished: bool) -> bool:
@@ -318,8 +274,8 @@ def evaluate_and_log(trainer: Trainer, step: int) -> dict[str, float]:
     result = {}
     if accelerator.is_main_process:
         result = evaluate(
-            eval_models(trainer.models, trainer.policy, cfg.model),
-            trainer.policy,
+            eval_models(trainer.models, cfg.model),
+            trainer.models.policy,
             cfg.val_data,
             batch_size=cfg.batch_size,
             max_pairs=cfg.eval_max_pairs,
@@ -340,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(TrainConfig, argv, __doc__.split("\n\n")[0])
         if cfg.data_only:
             return run_data_only(cfg)
-        return train(cfg)
+        return claim_and_train(cfg)
     except InputError as e:
         print(f"error: {input_error_message(e)}", file=sys.stderr)
         return EXIT_INPUT
@@ -353,32 +309,36 @@ def input_error_message(e: InputError) -> str:
     return text.splitlines()[-1].removeprefix(prefix) if "Original Traceback" in text else text
 
 
-def train(cfg: TrainConfig) -> int:
-    """Every check first; then the run, with the output directory locked and SIGTERM/SIGINT turned into a stop
-    after the current step (also while the models load)."""
+def claim_and_train(cfg: TrainConfig) -> int:
+    """Every check first; then the output directory claimed (locked, the run recorded) and the run trained, with
+    SIGTERM/SIGINT turned into a stop after the current step (also while the models load)."""
     accelerator = make_accelerator(cfg)
     start = preflight(cfg, accelerator.num_processes)
-    accelerator.wait_for_everyone()  # every rank checked the directory before the main process claims it
+    # every rank checked the directory before the main process claims it
+    accelerator.wait_for_everyone()
     with StopRequest() as stop, attention_backend(cfg.attention_backend):
         lock = lock_output_dir(cfg.output_dir) if accelerator.is_main_process else None
         try:
             if accelerator.is_main_process:
                 begin_run(cfg, start.run_id, start.data)
             accelerator.wait_for_everyone()
-            return run(cfg, accelerator, start, stop)
+            return train_and_export(cfg, accelerator, start, stop)
         finally:
             if lock is not None:
                 lock.close()
 
 
-def run(cfg: TrainConfig, accelerator: Accelerator, start: Start, stop: StopRequest) -> int:
+def train_and_export(cfg: TrainConfig, accelerator: Accelerator, start: Start, stop: StopRequest) -> int:
+    """In the claimed output directory: build, resume, the loop (log / checkpoint / evaluate), the final export
+    and the JSON summary; returns the exit status."""
     world = accelerator.num_processes
     trainer = build_trainer(cfg, accelerator, stop)
     state = resume(trainer, start)
     batches = training_batches(cfg, accelerator, state.micro_step)
     if cfg.report_to != "none":
         accelerator.init_trackers(
-            "train", config={k: v for k, v in asdict(cfg).items() if isinstance(v, int | float | str | bool)}
+            TRACKER_DIR,
+            config={k: v for k, v in asdict(cfg).items() if isinstance(v, int | float | str | bool)},
         )
 
     # the loop: one optimizer step = gradient_accumulation_steps micro-batches per process
@@ -421,19 +381,22 @@ def run(cfg: TrainConfig, accelerator: Accelerator, start: Start, stop: StopRequ
 
     if exit_code != EXIT_PREEMPTED and state.global_step >= cfg.max_steps:
         run_info = {"run_id": start.run_id, "global_step": state.global_step, "data": start.data}
-        export_final(accelerator, trainer.policy, cfg.output_dir, trainer.family == "sdxl", run_info)
-    del batches  # stops the loader's workers now, not at interpreter exit
+        export_final(accelerator, trainer.models.policy, cfg.output_dir, trainer.family == "sdxl", run_info)
+    # stops the loader's workers now, not at interpreter exit
+    del batches
     # Release DDP, then the process group, while every rank is still alive: a gloo group left to the interpreter's
     # exit after its peer has gone can hang forever in its destructor (seen with torchrun on 2 CPUs).
     accelerator.wait_for_everyone()
     accelerator.free_memory()
-    del trainer  # its DDP wrapper owns the reducer that holds the group
-    accelerator.end_training()  # stops the trackers and destroys the process group
+    # its DDP wrapper owns the reducer that holds the group
+    del trainer
+    # stops the trackers and destroys the process group
+    accelerator.end_training()
     summary = {
         **asdict(state),
         "steps_this_run": clock.steps,
         **timing,
-        "final": f"{cfg.output_dir}/final" if exit_code != EXIT_PREEMPTED else None,
+        "final": f"{cfg.output_dir}/{FINAL}" if exit_code != EXIT_PREEMPTED else None,
         "exit_code": exit_code,
         **{f"eval_{k}": v for k, v in eval_result.items()},
     }
