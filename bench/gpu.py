@@ -449,7 +449,13 @@ def encoder_dtype(bench: Bench) -> str:
 
 def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--family", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
+    parser.add_argument(
+        "--family",
+        nargs="+",
+        default=["sd15", "sdxl"],
+        choices=["sd15", "sdxl"],
+        help="architectures (default: both)",
+    )
     parser.add_argument(
         "--out", default="BENCHMARKS_GPU.md", help="markdown report (default: BENCHMARKS_GPU.md)"
     )
