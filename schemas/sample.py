@@ -46,7 +46,8 @@ CHECKSUM = "crc32"  # the algorithm named in the manifest; members written by th
 
 
 class CorruptSampleError(InputError):
-    """A sample whose bytes do not match its stored checksum, or that cannot be decoded: the file is damaged."""
+    """A tar that cannot be read, or a sample whose bytes do not match its stored checksum or cannot be decoded:
+    the file is damaged."""
 
 
 def caption_key(caption: str) -> str:
@@ -230,8 +231,8 @@ def read_tar(path: str | Path, read: Collection[str] = ()) -> Iterator[TarSample
     """The samples of an uncompressed tar (a path or any fsspec URL) in file order, streamed front to back, with
     the data of the members whose extension is in `read`.
 
-    The one reader of encode outputs (writer checks, trainer stream, text index, tests). Raises ValueError naming
-    the tar for an unreadable or truncated tar, and naming the sample for a member that occurs twice.
+    The one reader of encode outputs (writer checks, trainer stream, text index, tests). Raises CorruptSampleError
+    naming the tar for an unreadable or truncated tar, and naming the sample for a member that occurs twice.
     """
     try:
         with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
@@ -245,11 +246,11 @@ def read_tar(path: str | Path, read: Collection[str] = ()) -> Iterator[TarSample
                         yield sample
                     sample = TarSample(key, f"{path}:{key}")
                 if ext in sample.spans:
-                    raise ValueError(f"{sample.where}: member .{ext} occurs twice")
+                    raise CorruptSampleError(f"{sample.where}: member .{ext} occurs twice")
                 sample.spans[ext] = (info.offset_data, info.size)
                 if ext in read:
                     sample.data[ext] = tar.extractfile(info).read()
             if sample is not None:
                 yield sample
     except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"{path}: unreadable tar ({e})") from e
+        raise CorruptSampleError(f"{path}: unreadable tar ({e})") from e

@@ -42,6 +42,7 @@ from typing import Any
 
 from schemas import storage
 from schemas.config import EncodeConfig, config_to_dict, parse_config
+from schemas.errors import InputError
 from schemas.manifest import MANIFEST_NAME, Manifest, Report, ShardEntry
 from schemas.sample import (
     CHECKSUM,
@@ -54,10 +55,10 @@ from schemas.sample import (
     read_tar,
 )
 from stages.decode_images import read_drops
-from stages.formats import PairFormat, get_format
+from stages.formats import CANONICAL_SCHEMA, PairFormat, get_format
 from stages.progress import RowCounter, RowProgress, count_rows
 from stages.ray_driver import RayUnreachable, init_with_deadline, probe_address, start_reaper
-from stages.read_pairs import REQUIRED_COLUMNS, InputError, Prescan, prescan
+from stages.read_pairs import Prescan, prescan
 from stages.write_shards import commit_part, load_part
 
 CONFIG_MARKER = "_encode_config.json"
@@ -427,7 +428,7 @@ def encode_chunk(
     (
         fmt.dataset(files)
         .filter(expr=row_filter(config.tie_policy))
-        .select_columns(list(REQUIRED_COLUMNS))
+        .select_columns(CANONICAL_SCHEMA.names)
         .map_batches(
             decode_pairs,
             batch_size=config.decode_batch_size,

@@ -10,9 +10,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from schemas.atomic import atomic_write_json, process_umask
+from schemas.atomic import process_umask
 from schemas.config import TrainConfig
 from schemas.errors import InputError
+from schemas.storage import write_json
 from trainer.checkpoint import (
     TrainState,
     check_topology,
@@ -123,7 +124,7 @@ def test_files_follow_the_umask(tmp_path: Path) -> None:
         path = save_checkpoint(
             accelerator, tmp_path, TrainState(global_step=1), model, opt, sched, {}, total_limit=0
         )
-        atomic_write_json(tmp_path / "x.json", {})
+        write_json(tmp_path / "x.json", {})
     finally:
         os.umask(old)
     files = [*path.iterdir(), tmp_path / "x.json"]

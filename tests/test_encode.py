@@ -32,7 +32,7 @@ from schemas.sample import (
 )
 from stages.encode import default_pool_size, main
 from stages.progress import RowProgress
-from stages.read_pairs import list_parquet_files
+from stages.input_files import list_files
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--resolution", "64", "--shard-size", "16", "--num-encoders", "1", "--encode-batch-size", "16"]
@@ -147,9 +147,12 @@ def check_contract(
     return metas
 
 
+def parquet_files(src: str) -> list[str]:
+    return [f.path for f in list_files(src, ".parquet")]
+
+
 def rows_of(src: Path) -> dict[int, dict]:
-    _, files = list_parquet_files(str(src))
-    return {r["ranking_id"]: r for f in files for r in pq.read_table(f).to_pylist()}
+    return {r["ranking_id"]: r for f in parquet_files(str(src)) for r in pq.read_table(f).to_pylist()}
 
 
 def small_args(synthetic_parquet: Path, out: Path, model: Path) -> list[str]:
@@ -405,12 +408,11 @@ def test_source_forms_list_the_same_files(messy_src: Path) -> None:
     data = messy_src / "data"
     (data / ".cache").mkdir()
     (data / ".cache" / "x.parquet").write_bytes(b"hidden, ignored")
-    _, from_dir = list_parquet_files(str(messy_src))
     expected = sorted(str(p) for p in data.glob("*.parquet"))
-    assert from_dir == expected
-    assert list_parquet_files(str(data / "*.parquet"))[1] == expected
-    assert list_parquet_files(f"file://{data}")[1] == expected
-    assert list_parquet_files(",".join(reversed(expected)))[1] == expected
+    assert parquet_files(str(messy_src)) == expected
+    assert parquet_files(str(data / "*.parquet")) == expected
+    assert parquet_files(f"file://{data}") == expected
+    assert parquet_files(",".join(reversed(expected))) == expected
     shutil.rmtree(data / ".cache")
 
 

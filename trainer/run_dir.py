@@ -22,10 +22,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from schemas.atomic import atomic_write_json, read_json
 from schemas.config import TrainConfig
 from schemas.errors import InputError
 from schemas.manifest import Manifest
+from schemas.storage import read_json, write_json
 from trainer.checkpoint import CHECKPOINTS, list_checkpoints
 from trainer.losses import default_beta
 
@@ -204,7 +204,7 @@ def begin_run(cfg: TrainConfig, run_id: str, data: dict[str, Any]) -> None:
             elif path.exists():
                 path.unlink()
     if current_run_id(out) != run_id:
-        atomic_write_json(
+        write_json(
             out / RUN_FILE,
             {
                 "run_id": run_id,

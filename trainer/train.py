@@ -29,11 +29,11 @@ from accelerate import Accelerator, PartialState
 from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from schemas.atomic import read_json
 from schemas.config import TrainConfig, parse_config
 from schemas.errors import InputError
 from schemas.manifest import Manifest
 from schemas.sample import TORCH_DTYPES
+from schemas.storage import read_json
 from trainer.checkpoint import TrainState, check_topology, export_final, load_checkpoint, save_checkpoint
 from trainer.data import LatentPairStream, make_loader
 from trainer.evaluate import evaluate, strict_json

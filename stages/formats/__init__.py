@@ -2,9 +2,9 @@
 
 A format is one small class (one module each) with three duties:
   `list_inputs()`  the sorted input files under `--src` (the unit of chunking and of skipping on rerun);
-  `scan(path)`     the cheap columns `ranking_id`, `label_0`, `caption` of one file, for the driver's pre-scan
-                   (drops, row counts, unique captions, duplicate ids); a file that does not fit the format raises
-                   InputError naming the file and the column or member, before any Ray work;
+  `read_ids_labels_captions(path)`  the cheap columns `ranking_id`, `label_0`, `caption` of one file, for the
+                   driver's prescan (drops, row counts, unique captions, duplicate ids); a file that does not fit the
+                   format raises InputError naming the file and the column or member, before any Ray work;
   `read(path)`     the file's rows as Arrow tables in `CANONICAL_SCHEMA`, run inside Ray read tasks.
 `dataset(files)` wraps `read` as a Ray Datasource with one read task per file, so CheckpointConfig (which needs a
 Read op and the `ranking_id` column straight after it) gives row-level kill -9 resume for every format alike.
@@ -23,7 +23,8 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from stages.read_pairs import InputError, list_files
+from schemas.errors import InputError
+from stages.input_files import list_files
 
 CANONICAL_SCHEMA = pa.schema(
     [
@@ -108,7 +109,7 @@ class PairFormat(ABC):
         return stable_id(self.relative.get(path, path), *where)
 
     @abstractmethod
-    def scan(self, path: str) -> pa.Table:
+    def read_ids_labels_captions(self, path: str) -> pa.Table:
         """`ranking_id` (int64), `label_0` (numeric or null), `caption` (string or null) of every row of `path`."""
 
     @abstractmethod
