@@ -23,10 +23,10 @@ import hashlib
 import json
 import tarfile
 import zlib
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -254,3 +254,20 @@ def read_tar(path: str | Path, read: Collection[str] = ()) -> Iterator[TarSample
                 yield sample
     except (tarfile.TarError, OSError) as e:
         raise CorruptSampleError(f"{path}: unreadable tar ({e})") from e
+
+
+def write_tar(dest: BinaryIO | str | Path, samples: Iterable[dict[str, Any]]) -> None:
+    """The one tar writer of encode outputs (the encode's ShardWriter, embedded's test data): each sample a dict of
+    `__key__` and extension → bytes, written by webdataset's TarWriter with every member at mtime 0, owner
+    data:data, mode 0644, so the same samples always give the same bytes. `dest`: an open binary file, or a local
+    path (opened directly: webdataset's own opener refuses local paths under WDS_SECURE=1)."""
+    from webdataset import TarWriter  # the trainer reads tars but never writes one: no import there
+
+    if not hasattr(dest, "write"):
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        with open(dest, "wb") as f:
+            write_tar(f, samples)
+        return
+    with TarWriter(dest, encoder=False, mtime=0, user="data", group="data", mode=0o644) as tar:
+        for sample in samples:
+            tar.write(sample)

@@ -40,10 +40,14 @@ def join(base: str | os.PathLike, *parts: str) -> str:
 
 
 def url_to_fs(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
-    """No listings cache: Ray workers write the tars this process lists, so a cached listing would miss them."""
-    if not is_remote(url):
-        return fsspec.core.url_to_fs(str(url))
-    return fsspec.core.url_to_fs(str(url), use_listings_cache=False)
+    """No listings cache: Ray workers write the tars this process lists, so a cached listing would miss them. An
+    unknown protocol, or one whose filesystem package is not installed, is an InputError naming the URL."""
+    try:
+        if not is_remote(url):
+            return fsspec.core.url_to_fs(str(url))
+        return fsspec.core.url_to_fs(str(url), use_listings_cache=False)
+    except (ValueError, ImportError) as e:
+        raise InputError(f"{url}: {e}") from e
 
 
 def exists(url: str | os.PathLike) -> bool:

@@ -66,9 +66,11 @@ class LatentEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["w"])
-        pixels = torch.cat([torch.from_numpy(np.ascontiguousarray(batch[s])) for s in SIDES])  # [w; l]
+        # [w; l]
+        pixels = torch.cat([torch.from_numpy(np.ascontiguousarray(batch[s])) for s in SIDES])
         if self.flip:
-            pixels = torch.cat([pixels, pixels.flip(2)])  # [w; l; w_flip; l_flip], flip along width
+            # [w; l; w_flip; l_flip], flip along width
+            pixels = torch.cat([pixels, pixels.flip(2)])
         mean, logvar = self.moments(pixels)
         out = {k: v for k, v in batch.items() if k not in SIDES}
         views = [False, True] if self.flip else [False]

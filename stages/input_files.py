@@ -8,6 +8,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from schemas import storage
 from schemas.errors import InputError
 
 GLOB_CHARS = "*?["
@@ -15,8 +16,10 @@ GLOB_CHARS = "*?["
 
 @dataclass(frozen=True)
 class InputFile:
-    path: str  # plain for local files, a URL that Ray and fsspec both open otherwise
-    relative: str  # below the directory the SRC part names: what stable ids are derived from
+    # plain for local files, a URL that Ray and fsspec both open otherwise
+    path: str
+    # below the directory the SRC part names: what stable ids are derived from
+    relative: str
 
 
 def _is_hidden(path: str, root: str) -> bool:
@@ -35,14 +38,6 @@ def _expand(part: str) -> list[str]:
         raise InputError(f"--src {part}: {e}") from e
 
 
-def _filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """fsspec's filesystem for `url`; an unknown protocol or a missing filesystem package names the URL."""
-    try:
-        return fsspec.core.url_to_fs(url)
-    except (ValueError, ImportError) as e:
-        raise InputError(f"--src {url}: {e}") from e
-
-
 def list_files(src: str, suffix: str) -> list[InputFile]:
     """SRC (directory, glob, brace pattern `x-{000..009}.tar`, comma-separated list, or fsspec URL) → the files
     ending in `suffix`, sorted and unique.
@@ -56,7 +51,7 @@ def list_files(src: str, suffix: str) -> list[InputFile]:
         if not part:
             continue
         for expanded in _expand(part):
-            fs, path = _filesystem(expanded)
+            fs, path = storage.url_to_fs(expanded)
             protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
             protocols.add("file" if protocol == "local" else protocol)
             if fs.isdir(path):
@@ -90,7 +85,8 @@ def open_parquet(path: str) -> tuple[pq.ParquetFile, fsspec.core.OpenFile]:
     f = fsspec.open(path, "rb").open()
     try:
         return pq.ParquetFile(f), f
-    except Exception as e:  # pyarrow/fsspec raise many types for corrupt or unreadable files
+    except Exception as e:
+        # pyarrow/fsspec raise many types for corrupt or unreadable files
         f.close()
         raise _unreadable(path, e) from e
 
@@ -99,5 +95,6 @@ def read_parquet_columns(pf: pq.ParquetFile, path: str, columns: list[str]) -> p
     """`columns` of an opened parquet file; a damaged column chunk is an InputError naming the file."""
     try:
         return pf.read(columns=columns)
-    except Exception as e:  # as above
+    except Exception as e:
+        # pyarrow raises many types for a damaged column chunk
         raise _unreadable(path, e) from e

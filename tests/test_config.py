@@ -13,7 +13,7 @@ from bench import decode_resize, gpu, losses, robustness, run, s3_stream
 from embedded import synthetic, tiny_models
 from schemas.config import EncodeConfig, TrainConfig, build_parser, parse_config
 from schemas.errors import InputError
-from stages import encode
+from stages import encode, output_dir
 from trainer import demo, evaluate, train
 
 PARSERS = {
@@ -139,8 +139,8 @@ def test_removed_keys_are_unknown(main, key: str, tmp_path: Path, capsys: pytest
 def test_an_output_recorded_with_the_old_seed_key_still_resumes() -> None:
     """Outputs written before `seed` was removed record it in _encode_config.json and the manifest; a rerun must
     not call that a different config (it never changed what was written). A real difference still is one."""
-    current = encode.output_config(EncodeConfig(src="/data/in", out="/data/out", model="org/model"))
+    current = output_dir.output_config(EncodeConfig(src="/data/in", out="/data/out", model="org/model"))
     for seed in (0, 7):
-        encode.compare_configs({**current, "seed": seed}, current, "/data/out")
-    with pytest.raises(encode.ConfigMismatch, match="resolution: 256 → 512"):
-        encode.compare_configs({**current, "seed": 0, "resolution": 256}, current, "/data/out")
+        output_dir.compare_configs({**current, "seed": seed}, current, "/data/out")
+    with pytest.raises(output_dir.ConfigMismatch, match="resolution: 256 → 512"):
+        output_dir.compare_configs({**current, "seed": 0, "resolution": 256}, current, "/data/out")

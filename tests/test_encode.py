@@ -30,9 +30,10 @@ from schemas.sample import (
     pair_key,
     read_tar,
 )
-from stages.encode import default_pool_size, main
-from stages.progress import RowProgress
+from stages.encode import main
 from stages.input_files import list_files
+from stages.progress import RowProgress
+from stages.ray_driver import default_pool_size
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--resolution", "64", "--shard-size", "16", "--num-encoders", "1", "--encode-batch-size", "16"]
@@ -307,9 +308,10 @@ def test_the_manifest_is_published_without_importing_diffusers(sd15_out: Path, t
     probe = (
         "import json, sys\n"
         "from schemas.config import EncodeConfig\n"
-        "from stages.encode import published_parts, write_manifest\n"
-        "out, config = sys.argv[1], EncodeConfig(**json.loads(sys.argv[2]))\n"
-        "write_manifest(config, config.model, out, published_parts(out + '/pairs', 'chunk_'))\n"
+        "from stages.output_dir import OutputDir\n"
+        "from stages.publish import write_manifest\n"
+        "out, config = OutputDir(sys.argv[1]), EncodeConfig(**json.loads(sys.argv[2]))\n"
+        "write_manifest(config, config.model, out, out.committed_chunks())\n"
         "print('diffusers' in sys.modules)\n"
     )
     r = subprocess.run(

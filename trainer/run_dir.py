@@ -11,7 +11,6 @@ On resume, hyper-parameters in RESUMABLE come from the command line and each cha
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -20,9 +19,10 @@ import uuid
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from schemas.config import TrainConfig
+from schemas.dir_lock import DirLock
 from schemas.errors import InputError
 from schemas.manifest import Manifest
 from schemas.storage import read_json, write_json
@@ -217,24 +217,11 @@ def begin_run(cfg: TrainConfig, run_id: str, data: dict[str, Any]) -> None:
         shutil.rmtree(stale)  # a save killed half-way; never a checkpoint
 
 
-def lock_output_dir(output_dir: str | Path) -> IO[str]:
-    """Hold `OUT/.lock` for the life of the returned file; the kernel releases it when the process dies (kill -9
-    too). A POSIX record lock (lockf), not flock: forked DataLoader workers do not inherit it, so a killed trainer's
-    orphaned workers, still exiting, cannot keep its rerun out. A second trainer gets an InputError naming the holder."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run's lifetime
-    try:
-        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, as the platform reports a held record lock
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise InputError(
-            f"--output-dir {out} is in use by another trainer ({holder}); wait for it or choose another"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-    handle.flush()
-    return handle
+def lock_output_dir(output_dir: str | Path) -> DirLock:
+    """Hold `OUT/.lock` until the returned lock is closed (schemas/dir_lock.py: released however the process dies,
+    not inherited by forked DataLoader workers). A second trainer gets an InputError naming the holder."""
+
+    def refusal(holder: str) -> str:
+        return f"--output-dir {output_dir} is in use by another trainer ({holder}); wait for it or choose another"
+
+    return DirLock(output_dir, LOCK_FILE, refusal)

@@ -38,8 +38,10 @@ CANONICAL_SCHEMA = pa.schema(
     ]
 )
 ROLES = ("caption", "chosen", "rejected", "image_0", "image_1", "label_0", "id")
-PAIR_ROLES = ("chosen", "rejected")  # label implied: the first image is preferred
-LABELLED_ROLES = ("image_0", "image_1", "label_0")  # Pick-a-Pic style: label 1 = image_0 preferred, 0.5 = tie
+# label implied: the first image is preferred
+PAIR_ROLES = ("chosen", "rejected")
+# Pick-a-Pic style: label 1 = image_0 preferred, 0.5 = tie
+LABELLED_ROLES = ("image_0", "image_1", "label_0")
 ROWS_PER_BLOCK = 256
 
 
@@ -88,7 +90,8 @@ class PairFormat(ABC):
     """One input layout; see the module docstring. Instances are pickled into Ray read tasks."""
 
     name: ClassVar[str]
-    suffix: ClassVar[str]  # input files end with this
+    # input files end with this
+    suffix: ClassVar[str]
     default_columns: ClassVar[dict[str, str]] = {}
 
     def __init__(self, src: str, columns: str = "") -> None:

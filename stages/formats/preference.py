@@ -93,7 +93,9 @@ class PreferenceFormat(PairFormat):
             try:
                 return pc.cast(table[self.columns["id"]], pa.int64())
             except pa.ArrowInvalid as e:
-                raise InputError(f"{path}: column {self.columns['id']!r} (id) does not fit int64 ({e})") from e
+                raise InputError(
+                    f"{path}: column {self.columns['id']!r} (id) does not fit int64 ({e})"
+                ) from e
         return pa.array([self.stable_row_id(path, first_row + i) for i in range(len(table))], pa.int64())
 
     def _labels(self, table: pa.Table) -> pa.Array:

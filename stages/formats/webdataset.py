@@ -50,7 +50,9 @@ class WebDatasetFormat(PairFormat):
                 continue
             missing = sorted(wanted - sample.spans.keys())
             if missing:
-                raise InputError(f"{path}: sample {sample.key!r} lacks member(s) {['.' + m for m in missing]}")
+                raise InputError(
+                    f"{path}: sample {sample.key!r} lacks member(s) {['.' + m for m in missing]}"
+                )
             try:
                 meta = json.loads(sample.data[META_EXT])
             except ValueError as e:
@@ -100,7 +102,8 @@ class WebDatasetFormat(PairFormat):
             rid, caption, label = self._fields(path, key, meta)
             for name, value in zip(rows, (rid, caption, label, *images), strict=False):
                 rows[name].append(value)
-            for j, ext in enumerate(self.image_exts):  # a Pick-a-Pic mirror keeps the image uids in the JSON
+            for j, ext in enumerate(self.image_exts):
+                # a Pick-a-Pic mirror keeps the image uids in the JSON
                 rows[f"image_{j}_uid"].append(str(meta.get(f"image_{j}_uid") or f"{key}.{ext}"))
             if len(rows["ranking_id"]) == ROWS_PER_BLOCK:
                 yield canonical_table(rows)
