@@ -37,6 +37,8 @@ CANONICAL_SCHEMA = pa.schema(
         ("image_1_uid", pa.string()),
     ]
 )
+# what every format's read_ids_labels_captions returns, for the prescan
+ID_LABEL_CAPTION = pa.schema([CANONICAL_SCHEMA.field(name) for name in ("ranking_id", "label_0", "caption")])
 ROLES = ("caption", "chosen", "rejected", "image_0", "image_1", "label_0", "id")
 # label implied: the first image is preferred
 PAIR_ROLES = ("chosen", "rejected")

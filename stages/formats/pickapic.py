@@ -9,10 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas.errors import InputError
-from stages.formats import CANONICAL_SCHEMA, ROWS_PER_BLOCK, PairFormat
+from stages.formats import CANONICAL_SCHEMA, ID_LABEL_CAPTION, ROWS_PER_BLOCK, PairFormat
 from stages.input_files import open_parquet, read_parquet_columns
-
-ID_LABEL_CAPTION = ["ranking_id", "label_0", "caption"]
 
 
 class PickapicFormat(PairFormat):
@@ -30,7 +28,7 @@ class PickapicFormat(PairFormat):
     def read_ids_labels_captions(self, path: str) -> pa.Table:
         pf, f = self._open(path)
         with f:
-            return read_parquet_columns(pf, path, ID_LABEL_CAPTION)
+            return read_parquet_columns(pf, path, ID_LABEL_CAPTION.names)
 
     def read(self, path: str) -> Iterator[pa.Table]:
         pf, f = self._open(path)

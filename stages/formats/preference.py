@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.errors import InputError
-from stages.formats import ROWS_PER_BLOCK, PairFormat, canonical_table
+from stages.formats import ID_LABEL_CAPTION, ROWS_PER_BLOCK, PairFormat, canonical_table
 from stages.input_files import open_parquet, read_parquet_columns
 
 
@@ -110,7 +110,8 @@ class PreferenceFormat(PairFormat):
             table = read_parquet_columns(pf, path, wanted)
         caption = pc.cast(table[self.columns["caption"]], pa.string())
         return pa.table(
-            {"ranking_id": self._ids(path, table, 0), "label_0": self._labels(table), "caption": caption}
+            {"ranking_id": self._ids(path, table, 0), "label_0": self._labels(table), "caption": caption},
+            schema=ID_LABEL_CAPTION,
         )
 
     def read(self, path: str) -> Iterator[pa.Table]:

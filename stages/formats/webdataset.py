@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from schemas.errors import InputError
 from schemas.sample import read_tar
-from stages.formats import ROWS_PER_BLOCK, PairFormat, canonical_table
+from stages.formats import ID_LABEL_CAPTION, ROWS_PER_BLOCK, PairFormat, canonical_table
 
 META_EXT = "json"
 
@@ -88,12 +88,7 @@ class WebDatasetFormat(PairFormat):
             rows["ranking_id"].append(rid)
             rows["label_0"].append(label)
             rows["caption"].append(caption)
-        return pa.table(
-            rows,
-            schema=pa.schema(
-                [("ranking_id", pa.int64()), ("label_0", pa.float64()), ("caption", pa.string())]
-            ),
-        )
+        return pa.table(rows, schema=ID_LABEL_CAPTION)
 
     def read(self, path: str) -> Iterator[pa.Table]:
         rows: dict[str, list] = {c: [] for c in ("ranking_id", "caption", "label_0", "jpg_0", "jpg_1")}
