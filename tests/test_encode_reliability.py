@@ -124,16 +124,8 @@ def test_an_internal_error_is_not_reported_as_the_users(
         raise ValueError("a bug in the planner")
 
     monkeypatch.setattr(OutputDir, "plan_chunks", broken_plan)
-    args = [
-        "--src",
-        str(synthetic_parquet / "validation"),
-        "--out",
-        str(tmp_path / "o"),
-        "--model",
-        str(tiny_sd15),
-    ]
     with pytest.raises(ValueError, match="a bug in the planner"):
-        main([*args, *FAST])
+        main(small_args(synthetic_parquet, tmp_path / "o", tiny_sd15))
 
 
 def test_out_inside_src_is_refused(synthetic_parquet: Path, tiny_sd15: Path, tmp_path: Path, capsys) -> None:
