@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.harness import run_cli
 from bench.report import machine, table
-from bench.run import run_cli
 from schemas.config import TrainConfig, load_config_file
 from schemas.loss_table import LOSSES, NUM_TRAIN_TIMESTEPS, default_beta
 from schemas.manifest import Manifest

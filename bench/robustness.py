@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 from embedded.synthetic import DEFECTS, DEFECTS_FILE, write_synthetic_dataset
-from schemas.atomic import atomic_write_bytes, read_json
+from schemas.atomic import atomic_write_bytes
 from schemas.config import EncodeConfig, TrainConfig, parse_config
 from schemas.sample import pair_key
+from schemas.storage import read_json
 from stages import encode
 from trainer import train
 from trainer.evaluate import evaluate, load_for_eval

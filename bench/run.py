@@ -26,8 +26,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from bench import decode_resize, s3_stream
+from bench.harness import REPO, run_cli, sd15_stream_dataset
 from bench.report import machine, table
-from embedded.latent_dataset import write_latent_dataset
 from embedded.synthetic import COLOURS, OBJECTS, render_image
 from schemas.manifest import Manifest
 from schemas.sample import latent_tensor_names
@@ -35,63 +35,12 @@ from stages.decode_images import decode_image
 from stages.encode_latents import LatentEncoder, flip_equivariance_gap
 from trainer.data import LatentPairStream, make_loader
 
-REPO = Path(__file__).resolve().parents[1]
-SD15_LATENT = (4, 64, 64)
 TINY_MODEL = REPO / "models" / ".init" / "tiny-sd15"
 DEMO_DATA = REPO / "data" / "synthetic"
 
 
 def median_of(repeat: int, fn: Callable[[], float]) -> float:
     return statistics.median(fn() for _ in range(repeat))
-
-
-def resident_high_water_kib(pid: int) -> int:
-    """VmHWM of a live process (0 once it is gone): the peak of its own address space since its exec. Not rusage's
-    ru_maxrss, which on Linux starts from the parent's resident size at fork and keeps it across exec."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
-
-
-def run_cli(args: list[str], env: dict[str, str] | None = None) -> dict:
-    """Run a project CLI and return the JSON object on its last stdout line, plus `peak_rss_mib`: the process's own
-    peak resident memory (VmHWM, read every 0.1 s while it runs; its DataLoader workers are not counted)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", *args], cwd=REPO, stdout=out, stderr=err, env={**os.environ, **(env or {})}
-        )
-        peak_kib = 0
-        while not (ended := os.waitpid(proc.pid, os.WNOHANG))[0]:
-            peak_kib = max(peak_kib, resident_high_water_kib(proc.pid))
-            time.sleep(0.1)
-        proc.returncode = os.waitstatus_to_exitcode(ended[1])
-        out.seek(0)
-        err.seek(0)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} failed:\n{err.read()[-3000:]}")
-        result = json.loads(out.read().strip().splitlines()[-1])
-    result["peak_rss_mib"] = peak_kib / 1024
-    return result
-
-
-def sd15_stream_dataset(work: Path, num_pairs: int) -> Path:
-    """A contract-conformant encode output at SD1.5 latent size (4×64×64 moments + flips), without a VAE."""
-
-    out = work / f"sd15-latents-{num_pairs}"
-    if not (out / "manifest.json").exists():
-        write_latent_dataset(
-            out,
-            num_pairs=num_pairs,
-            shard_size=250,
-            latent_shape=SD15_LATENT,
-            text_dim=768,
-            num_captions=60,
-            text_shard_size=64,
-            resolution=512,
-        )
-    return out
 
 
 def bench_stream(data: Path, repeat: int, batches: int) -> tuple[str, dict]:
@@ -289,6 +238,13 @@ def bench_encode(work: Path, rows: int) -> tuple[str, Path]:
             ],
             rows_out,
         )
+        + "\n\n"
+        "Two defaults of the encode rest on measurements of the demo's encode (2,687 pairs, a 2-CPU machine), taken "
+        "when they were chosen and not re-run here: `--num-encoders 0` sizes the pool by the real cores "
+        "(`stages.ray_driver.default_pool_size`), because two 2-thread encoder actors on 2 cores only take turns "
+        "(60–63 s with two, 44–53 s with one); and the caption job runs beside the pair chunks rather than before "
+        "them (`stages.jobs.encode_all`), so the text actor's start overlaps the decode (each demo encode 7–12 s "
+        "sooner)."
     )
     return text, out
 

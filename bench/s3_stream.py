@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.harness import run_cli, sd15_stream_dataset
 from bench.report import table
 
 HEADING = "### Trainer data stream from S3 (loopback server) vs local disk"
@@ -28,7 +29,6 @@ def bench_s3_stream(data: Path, repeat: int, batches: int) -> tuple[str, dict[st
     """Upload `data` to a fresh bucket on a loopback S3 server and stream both copies with `--data-only`."""
     import fsspec
 
-    from bench.run import run_cli
     from embedded.s3_server import start_s3_server  # moto[server] is a dev dependency
 
     load_before = os.getloadavg()[0]
@@ -104,8 +104,6 @@ def arguments() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.run import sd15_stream_dataset
-
     args = arguments().parse_args(argv)
     os.environ.setdefault("WDS_SECURE", "1")
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from schemas.atomic import publish_dir
+from schemas.errors import InputError
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 20, 20),
@@ -267,7 +268,7 @@ def write_synthetic_dataset(
 ) -> dict:
     """Write `out/train` and `out/validation`; ranking_id is unique across both splits."""
     if rows < 1 or val_rows < 0 or rows_per_file < 1:
-        raise ValueError(
+        raise InputError(
             f"need rows >= 1, val_rows >= 0, rows_per_file >= 1 (got {rows}, {val_rows}, {rows_per_file})"
         )
     out = Path(out)
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         s = write_synthetic_dataset(
             args.out, seed=args.seed, rows=args.rows, val_rows=args.val_rows, rows_per_file=args.rows_per_file
         )
-    except ValueError as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tr, va = s["train"], s["validation"]

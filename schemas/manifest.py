@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from schemas.errors import InputError
 from schemas.storage import exists, join, read_json, write_json
 
 MANIFEST_NAME = "manifest.json"
@@ -58,35 +59,36 @@ class Manifest:
 
     @classmethod
     def load(cls, out_dir: str | Path) -> Manifest:
-        """Load and check a manifest (a path or any fsspec URL); every error names the file and the offending key."""
+        """Load and check a manifest (a path or any fsspec URL); every error (an InputError) names the file and the
+        offending key."""
         path = join(out_dir, MANIFEST_NAME)
         if not exists(path):
             raise FileNotFoundError(f"{path}: no manifest; is {out_dir} a finished encode output?")
         d = read_json(path)
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+            raise InputError(f"{path}: expected a JSON object")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version {version!r} is not the supported {FORMAT_VERSION}")
+            raise InputError(f"{path}: format_version {version!r} is not the supported {FORMAT_VERSION}")
         try:
             d["shards"] = [ShardEntry(str(s["path"]), int(s["num_samples"])) for s in d["shards"]]
             d["text_shards"] = [ShardEntry(str(s["path"]), int(s["num_samples"])) for s in d["text_shards"]]
             manifest = cls(**d)
         except (KeyError, TypeError) as e:
-            raise ValueError(f"{path}: missing or malformed key ({e})") from e
+            raise InputError(f"{path}: missing or malformed key ({e})") from e
         manifest.check(path)
         return manifest
 
     def check(self, where: str | Path) -> None:
         if self.model_family not in MODEL_FAMILIES:
-            raise ValueError(f"{where}: model_family {self.model_family!r} not in {MODEL_FAMILIES}")
+            raise InputError(f"{where}: model_family {self.model_family!r} not in {MODEL_FAMILIES}")
         if self.num_samples != sum(s.num_samples for s in self.shards):
-            raise ValueError(f"{where}: num_samples does not equal the sum over shards")
+            raise InputError(f"{where}: num_samples does not equal the sum over shards")
         if self.num_text_samples != sum(s.num_samples for s in self.text_shards):
-            raise ValueError(f"{where}: num_text_samples does not equal the sum over text_shards")
+            raise InputError(f"{where}: num_text_samples does not equal the sum over text_shards")
         for s in [*self.shards, *self.text_shards]:
             if Path(s.path).is_absolute() or ".." in Path(s.path).parts:
-                raise ValueError(f"{where}: shard path {s.path!r} must be relative to the output directory")
+                raise InputError(f"{where}: shard path {s.path!r} must be relative to the output directory")
 
 
 @dataclass(frozen=True)

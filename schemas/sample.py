@@ -23,10 +23,10 @@ import hashlib
 import json
 import tarfile
 import zlib
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -46,7 +46,8 @@ CHECKSUM = "crc32"  # the algorithm named in the manifest; members written by th
 
 
 class CorruptSampleError(InputError):
-    """A sample whose bytes do not match its stored checksum, or that cannot be decoded: the file is damaged."""
+    """A tar that cannot be read, or a sample whose bytes do not match its stored checksum or cannot be decoded:
+    the file is damaged."""
 
 
 def caption_key(caption: str) -> str:
@@ -230,8 +231,8 @@ def read_tar(path: str | Path, read: Collection[str] = ()) -> Iterator[TarSample
     """The samples of an uncompressed tar (a path or any fsspec URL) in file order, streamed front to back, with
     the data of the members whose extension is in `read`.
 
-    The one reader of encode outputs (writer checks, trainer stream, text index, tests). Raises ValueError naming
-    the tar for an unreadable or truncated tar, and naming the sample for a member that occurs twice.
+    The one reader of encode outputs (writer checks, trainer stream, text index, tests). Raises CorruptSampleError
+    naming the tar for an unreadable or truncated tar, and naming the sample for a member that occurs twice.
     """
     try:
         with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
@@ -245,11 +246,28 @@ def read_tar(path: str | Path, read: Collection[str] = ()) -> Iterator[TarSample
                         yield sample
                     sample = TarSample(key, f"{path}:{key}")
                 if ext in sample.spans:
-                    raise ValueError(f"{sample.where}: member .{ext} occurs twice")
+                    raise CorruptSampleError(f"{sample.where}: member .{ext} occurs twice")
                 sample.spans[ext] = (info.offset_data, info.size)
                 if ext in read:
                     sample.data[ext] = tar.extractfile(info).read()
             if sample is not None:
                 yield sample
     except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"{path}: unreadable tar ({e})") from e
+        raise CorruptSampleError(f"{path}: unreadable tar ({e})") from e
+
+
+def write_tar(dest: BinaryIO | str | Path, samples: Iterable[dict[str, Any]]) -> None:
+    """The one tar writer of encode outputs (the encode's ShardWriter, embedded's test data): each sample a dict of
+    `__key__` and extension → bytes, written by webdataset's TarWriter with every member at mtime 0, owner
+    data:data, mode 0644, so the same samples always give the same bytes. `dest`: an open binary file, or a local
+    path (opened directly: webdataset's own opener refuses local paths under WDS_SECURE=1)."""
+    from webdataset import TarWriter  # the trainer reads tars but never writes one: no import there
+
+    if not hasattr(dest, "write"):
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        with open(dest, "wb") as f:
+            write_tar(f, samples)
+        return
+    with TarWriter(dest, encoder=False, mtime=0, user="data", group="data", mode=0o644) as tar:
+        for sample in samples:
+            tar.write(sample)

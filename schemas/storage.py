@@ -17,6 +17,7 @@ from typing import IO, Any
 import fsspec
 
 from schemas.atomic import atomic_write_bytes
+from schemas.errors import InputError
 
 # environment variables that configure remote storage; the encode forwards them to its Ray workers
 STORAGE_ENV_PREFIXES = ("AWS_", "FSSPEC_")
@@ -39,10 +40,14 @@ def join(base: str | os.PathLike, *parts: str) -> str:
 
 
 def url_to_fs(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
-    """No listings cache: Ray workers write the tars this process lists, so a cached listing would miss them."""
-    if not is_remote(url):
-        return fsspec.core.url_to_fs(str(url))
-    return fsspec.core.url_to_fs(str(url), use_listings_cache=False)
+    """No listings cache: Ray workers write the tars this process lists, so a cached listing would miss them. An
+    unknown protocol, or one whose filesystem package is not installed, is an InputError naming the URL."""
+    try:
+        if not is_remote(url):
+            return fsspec.core.url_to_fs(str(url))
+        return fsspec.core.url_to_fs(str(url), use_listings_cache=False)
+    except (ValueError, ImportError) as e:
+        raise InputError(f"{url}: {e}") from e
 
 
 def exists(url: str | os.PathLike) -> bool:
@@ -82,17 +87,19 @@ def write_bytes(url: str | os.PathLike, data: bytes) -> None:
 
 
 def write_json(url: str | os.PathLike, obj: Any) -> None:
+    """The one JSON writer (indented, sorted keys), published whole as `write_bytes` does."""
     write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_json(url: str | os.PathLike) -> Any:
-    """Read JSON, naming the file in the error instead of a bare decoder traceback."""
+    """The one JSON reader; a damaged or unreadable file is an InputError naming it (a missing one stays
+    FileNotFoundError)."""
     try:
         return json.loads(read_bytes(url))
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as e:
-        raise ValueError(f"{url}: not readable as JSON ({e})") from e
+        raise InputError(f"{url}: not readable as JSON ({e})") from e
 
 
 def size(url: str | os.PathLike) -> int:

@@ -28,10 +28,8 @@ from schemas.manifest import DROP_EMPTY_IMAGE, DROP_NULL_IMAGE, DROP_UNDECODABLE
 from schemas.sample import ImageMeta, PairMeta, caption_key
 
 JPEG_MAGIC = b"\xff\xd8"
-DECODERS = (
-    "simplejpeg",
-    "pil",
-)  # JPEG decoders; at full scale both equal PIL's (tested), simplejpeg is faster
+# JPEG decoders; at full scale both equal PIL's (tested), simplejpeg is faster
+DECODERS = ("simplejpeg", "pil")
 # The official path materialises the whole resized image before cropping. Past this many pixels (an aspect ratio
 # beyond 64:1 at R = 1024) it resizes only the crop box instead, which can differ by one grey level.
 MAX_RESIZED_PIXELS = 1 << 26
@@ -52,7 +50,8 @@ class ImageDropped(Exception):
 class Geometry:
     """Where the R×R center crop sits in the image resized so that its shortest side is R."""
 
-    resized: tuple[int, int]  # (height, width) after the shortest-side resize
+    # (height, width) after the shortest-side resize
+    resized: tuple[int, int]
     top: int
     left: int
     resolution: int
@@ -107,12 +106,14 @@ def _open(
                 rgb = simplejpeg.decode_jpeg(data, "RGB", min_height=rh, min_width=rw)
                 return Image.fromarray(rgb), (h, w)
         except ValueError:
-            pass  # truncated, ...: PIL decides below whether the bytes are usable
+            # truncated, ...: PIL decides below whether the bytes are usable
+            pass
     img = Image.open(io.BytesIO(data))
     original = (img.height, img.width)
     if dct_scaled and img.format == "JPEG":
         rh, rw = crop_geometry(original, resolution).resized
-        img.draft("RGB", (rw, rh))  # DCT scaling; PIL keeps the result >= the requested size
+        # DCT scaling; PIL keeps the result >= the requested size
+        img.draft("RGB", (rw, rh))
     img.load()
     return img, original
 
@@ -128,7 +129,8 @@ def _resize_and_crop(img: Image.Image, g: Geometry, whole_image: bool) -> np.nda
     if whole_image and g.resized[0] * g.resized[1] <= MAX_RESIZED_PIXELS:
         resized = img.resize((g.resized[1], g.resized[0]), Image.Resampling.BILINEAR)
         return np.asarray(resized.crop((g.left, g.top, g.left + r, g.top + r)))
-    sy, sx = img.height / g.resized[0], img.width / g.resized[1]  # resized → decoded coordinates
+    # resized → decoded coordinates
+    sy, sx = img.height / g.resized[0], img.width / g.resized[1]
     box = (g.left * sx, g.top * sy, (g.left + r) * sx, (g.top + r) * sy)
     return np.asarray(img.resize((r, r), Image.Resampling.BILINEAR, box=box))
 

@@ -1,4 +1,5 @@
-"""How the encode driver joins or starts Ray without hanging on a dead address or leaving processes behind.
+"""How the encode driver joins or starts Ray without hanging on a dead address or leaving processes behind, and how
+its model stages are placed on the cluster.
 
 Why: `ray.init(address=...)` retries a dead head forever, and a local cluster started by `ray.init()` leaves its
 dashboard and runtime-env agents running when the driver is killed with SIGKILL (they are children of the raylet,
@@ -9,6 +10,7 @@ process in its own session that, once the driver is gone however it died, stops 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -16,20 +18,32 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-CONNECT_TIMEOUT_S = 10.0  # TCP probe of the head
-INIT_TIMEOUT_S = 60.0  # ray.init against a live port that never answers as a GCS
+from schemas import storage
+from schemas.errors import InputError
+
+if TYPE_CHECKING:
+    # not at run time: the reaper runs this module as its own small process
+    from schemas.config import EncodeConfig
+
+# TCP probe of the head
+CONNECT_TIMEOUT_S = 10.0
+# ray.init against a live port that never answers as a GCS
+INIT_TIMEOUT_S = 60.0
 
 
-class RayUnreachable(Exception):
+class RayUnreachable(InputError):
     """No Ray cluster answers at the given address; the message names the address and where it came from."""
 
 
 def probe_address(address: str, source: str) -> None:
     """Raise RayUnreachable unless a TCP connection to the head's `host:port` (or `ray://host:port`) opens."""
     if address in ("auto", "local"):
-        return  # Ray itself finds (or refuses) the cluster on this machine, without retrying forever
+        # Ray itself finds (or refuses) the cluster on this machine, without retrying forever
+        return
     hostport = address.removeprefix("ray://").split("/", 1)[0]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
@@ -66,12 +80,99 @@ def init_with_deadline(source: str, **init_kwargs: object) -> None:
         timer.cancel()
 
 
+def init_ray(address: str | None, verbose: bool = False) -> bool:
+    """Join `address` (or RAY_ADDRESS, as under `ray job submit`); otherwise start a private local cluster.
+
+    Returns True when this process started Ray (and so shuts it down). A new local cluster gets at least 4 logical
+    CPUs: on a 2-CPU machine Ray Data's Write op otherwise starves behind decode tasks. The storage settings of this
+    environment (AWS_*, FSSPEC_*) go to the workers with the job, so they reach the same object store; under
+    `ray job submit` the job's own runtime environment decides instead. Unless `verbose`, Ray's INFO logging, the
+    workers' output and Ray Data's per-operator bars stay off the console (errors still raise here): the job's own
+    progress line (stages/progress.py) reports instead.
+    """
+    import ray
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = context.print_on_execution_start = verbose
+    context.enable_auto_log_stats = verbose
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    # its one warning says that the bars are off, which is what quiet asks for
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if verbose else logging.ERROR)
+    if ray.is_initialized():
+        return False
+    quiet = {} if verbose else {"logging_level": logging.WARNING, "log_to_driver": False}
+    source = "--ray-address" if address else "RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = storage.storage_env()
+    runtime_env = {"env_vars": env} if env and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ else None
+    if address:
+        probe_address(address, source)
+        init_with_deadline(source, address=address, runtime_env=runtime_env, **quiet)
+    else:
+        # stops this local cluster's processes however the driver dies, SIGKILL included
+        start_reaper()
+        ray.init(
+            num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=runtime_env, **quiet
+        )
+    return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, verbose: bool = False) -> Iterator[bool]:
+    """`init_ray` for the length of a `with` block, which gets whether this process started Ray; a cluster it
+    started is shut down at the end."""
+    started = init_ray(address, verbose)
+    try:
+        yield started
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def default_pool_size(resources: dict[str, float], local_cores: int | None) -> int:
+    """Encoder actors when --num-encoders is 0: one per GPU, else one per 2 CPUs (each runs two torch threads).
+    `local_cores`: the cores of this machine when the cluster is the private one init_ray started, which
+    advertises at least 4 CPUs however few the machine has; two 2-thread actors on 2 cores only take turns
+    (BENCHMARKS.md, encode section)."""
+    if resources.get("GPU"):
+        return int(resources["GPU"])
+    return max(1, (local_cores or int(resources.get("CPU", 2))) // 2)
+
+
+def encoder_pool_size(requested: int, started_ray: bool) -> int:
+    """--num-encoders, or when 0 the default for the cluster Ray is connected to."""
+    import ray
+
+    return requested or default_pool_size(ray.cluster_resources(), os.cpu_count() if started_ray else None)
+
+
+def model_stage(
+    config: EncodeConfig, size: int, batch_size: int, **constructor_kwargs: Any
+) -> dict[str, Any]:
+    """map_batches kwargs of a model actor stage (text encoder, VAE): `config`'s model and dtype, two torch threads
+    per actor, a pool of `size` actors, each on a GPU where the cluster has them."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    model = {"model": str(Path(config.model).resolve()), "dtype": config.dtype, "num_threads": 2}
+    return {
+        "batch_size": batch_size,
+        "fn_constructor_kwargs": {**model, **constructor_kwargs},
+        "compute": ray.data.ActorPoolStrategy(size=size),
+        **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
+    }
+
+
 def start_reaper() -> subprocess.Popen:
     """Watch this process from a separate session; when it is gone, stop everything it had started."""
     return subprocess.Popen(
         [sys.executable, "-m", "stages.ray_driver", str(os.getpid())],
         cwd=Path(__file__).resolve().parents[1],
-        start_new_session=True,  # Ctrl-C in a terminal signals the driver's process group, not the reaper
+        # Ctrl-C in a terminal signals the driver's process group, not the reaper
+        start_new_session=True,
         stdin=subprocess.DEVNULL,
     )
 
@@ -86,8 +187,10 @@ def _proc_table() -> dict[int, tuple[int, str]]:
         try:
             stat = (entry / "stat").read_text()
         except OSError:
-            continue  # exited meanwhile
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
+            # exited meanwhile
+            continue
+        # after "pid (comm) ": state, ppid, ...
+        fields = stat[stat.rindex(")") + 2 :].split()
         if fields[0] != "Z":
             table[int(entry.name)] = (int(fields[1]), fields[19])
     return table
@@ -108,7 +211,8 @@ def descendants(root: int, table: dict[int, tuple[int, str]]) -> dict[int, str]:
 def reap(driver: int, poll_s: float = 0.5, grace_s: float = 3.0) -> None:
     """Track the driver's descendants while it lives; then TERM, and after `grace_s` KILL, the ones still there."""
     seen: dict[int, str] = {}
-    while os.getppid() == driver:  # re-parented: the driver has exited, however it died
+    # re-parented: the driver has exited, however it died
+    while os.getppid() == driver:
         seen.update(descendants(driver, _proc_table()))
         seen.pop(os.getpid(), None)
         time.sleep(poll_s)
@@ -126,5 +230,6 @@ def reap(driver: int, poll_s: float = 0.5, grace_s: float = 3.0) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the driver's end stops the reaper
+    # only the driver's end stops the reaper
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     reap(int(sys.argv[1]))

@@ -11,7 +11,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from bench import gpu, gpu_models
 from bench.decode_resize import measured_vae_rates
-from bench.run import run_cli
+from bench.harness import run_cli
 
 
 def test_architectures_have_the_published_parameter_counts() -> None:

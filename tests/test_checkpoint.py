@@ -10,9 +10,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from schemas.atomic import atomic_write_json, process_umask, read_json
+from schemas.atomic import process_umask
 from schemas.config import TrainConfig
 from schemas.errors import InputError
+from schemas.storage import read_json, write_json
 from trainer.checkpoint import (
     TrainState,
     check_topology,
@@ -125,7 +126,7 @@ def test_files_follow_the_umask(tmp_path: Path) -> None:
         path = save_checkpoint(
             accelerator, tmp_path, TrainState(global_step=1), model, opt, sched, {}, total_limit=0
         )
-        atomic_write_json(tmp_path / "x.json", {})
+        write_json(tmp_path / "x.json", {})
     finally:
         os.umask(old)
     files = [*path.iterdir(), tmp_path / "x.json"]
@@ -136,7 +137,7 @@ def test_a_checkpoint_without_a_run_id_is_not_adopted(tmp_path: Path) -> None:
     """Every checkpoint this trainer writes names its run; one that does not is refused, not adopted as the run."""
     step = tmp_path / "checkpoints" / "step_00000001"
     step.mkdir(parents=True)
-    atomic_write_json(step / "state.json", {"global_step": 1})
+    write_json(step / "state.json", {"global_step": 1})
     with pytest.raises(InputError, match=r"no checkpoint of its run \(none recorded\)"):
         choose_start(TrainConfig(data="d", model="m", output_dir=str(tmp_path), resume="latest"))
     with pytest.raises(InputError, match=r"its state\.json records no run id"):

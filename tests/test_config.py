@@ -15,7 +15,7 @@ from embedded import synthetic, tiny_models
 from schemas.config import EncodeConfig, TrainConfig, build_parser, parse_config
 from schemas.errors import InputError
 from schemas.options import Rerun, Resume, check_rules, keys_with, option
-from stages import encode
+from stages import encode, output_dir
 from trainer import checkpoint, demo, evaluate, run_dir, train
 
 PARSERS = {
@@ -141,11 +141,11 @@ def test_removed_keys_are_unknown(main, key: str, tmp_path: Path, capsys: pytest
 def test_an_output_recorded_with_the_old_seed_key_still_resumes() -> None:
     """Outputs written before `seed` was removed record it in _encode_config.json and the manifest; a rerun must
     not call that a different config (it never changed what was written). A real difference still is one."""
-    current = encode.output_config(EncodeConfig(src="/data/in", out="/data/out", model="org/model"))
+    current = output_dir.output_config(EncodeConfig(src="/data/in", out="/data/out", model="org/model"))
     for seed in (0, 7):
-        encode.compare_configs({**current, "seed": seed}, current, "/data/out")
-    with pytest.raises(encode.ConfigMismatch, match="resolution: 256 → 512"):
-        encode.compare_configs({**current, "seed": 0, "resolution": 256}, current, "/data/out")
+        output_dir.compare_configs({**current, "seed": seed}, current, "/data/out")
+    with pytest.raises(output_dir.ConfigMismatch, match="resolution: 256 → 512"):
+        output_dir.compare_configs({**current, "seed": 0, "resolution": 256}, current, "/data/out")
 
 
 # The hand-kept lists the field rules replaced, as they stood before (stages/encode.py RUNTIME_KEYS,
@@ -221,7 +221,7 @@ def test_a_field_without_a_rule_cannot_be_declared() -> None:
 
 
 def test_the_rules_give_the_lists_they_replaced() -> None:
-    assert encode.RUNTIME_KEYS == RUNTIME_KEYS_BEFORE
+    assert output_dir.RUNTIME_KEYS == RUNTIME_KEYS_BEFORE
     assert (
         set(keys_with(EncodeConfig, Rerun.OUTPUT))
         == {f.name for f in fields(EncodeConfig)} - RUNTIME_KEYS_BEFORE

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from embedded.latent_dataset import write_latent_dataset, write_tar
+from embedded.latent_dataset import write_latent_dataset
 from schemas.manifest import Manifest
-from schemas.sample import PairMeta, encode_tensors
+from schemas.sample import PairMeta, encode_tensors, write_tar
 from trainer.data import LatentPairStream, iter_eval_batches, make_loader
 
 TENSOR_KEYS = (

@@ -30,9 +30,10 @@ from schemas.sample import (
     pair_key,
     read_tar,
 )
-from stages.encode import default_pool_size, main
+from stages.encode import main
+from stages.input_files import list_files
 from stages.progress import RowProgress
-from stages.read_pairs import list_parquet_files
+from stages.ray_driver import default_pool_size
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--resolution", "64", "--shard-size", "16", "--num-encoders", "1", "--encode-batch-size", "16"]
@@ -147,9 +148,12 @@ def check_contract(
     return metas
 
 
+def parquet_files(src: str) -> list[str]:
+    return [f.path for f in list_files(src, ".parquet")]
+
+
 def rows_of(src: Path) -> dict[int, dict]:
-    _, files = list_parquet_files(str(src))
-    return {r["ranking_id"]: r for f in files for r in pq.read_table(f).to_pylist()}
+    return {r["ranking_id"]: r for f in parquet_files(str(src)) for r in pq.read_table(f).to_pylist()}
 
 
 def small_args(synthetic_parquet: Path, out: Path, model: Path) -> list[str]:
@@ -304,9 +308,10 @@ def test_the_manifest_is_published_without_importing_diffusers(sd15_out: Path, t
     probe = (
         "import json, sys\n"
         "from schemas.config import EncodeConfig\n"
-        "from stages.encode import published_parts, write_manifest\n"
-        "out, config = sys.argv[1], EncodeConfig(**json.loads(sys.argv[2]))\n"
-        "write_manifest(config, config.model, out, published_parts(out + '/pairs', 'chunk_'))\n"
+        "from stages.output_dir import OutputDir\n"
+        "from stages.publish import write_manifest\n"
+        "out, config = OutputDir(sys.argv[1]), EncodeConfig(**json.loads(sys.argv[2]))\n"
+        "write_manifest(config, config.model, out, out.committed_chunks())\n"
         "print('diffusers' in sys.modules)\n"
     )
     r = subprocess.run(
@@ -405,12 +410,11 @@ def test_source_forms_list_the_same_files(messy_src: Path) -> None:
     data = messy_src / "data"
     (data / ".cache").mkdir()
     (data / ".cache" / "x.parquet").write_bytes(b"hidden, ignored")
-    _, from_dir = list_parquet_files(str(messy_src))
     expected = sorted(str(p) for p in data.glob("*.parquet"))
-    assert from_dir == expected
-    assert list_parquet_files(str(data / "*.parquet"))[1] == expected
-    assert list_parquet_files(f"file://{data}")[1] == expected
-    assert list_parquet_files(",".join(reversed(expected)))[1] == expected
+    assert parquet_files(str(messy_src)) == expected
+    assert parquet_files(str(data / "*.parquet")) == expected
+    assert parquet_files(f"file://{data}") == expected
+    assert parquet_files(",".join(reversed(expected))) == expected
     shutil.rmtree(data / ".cache")
 
 

@@ -20,6 +20,7 @@ import pytest
 from schemas.manifest import Manifest
 from stages.encode import main
 from stages.formats import CANONICAL_SCHEMA, get_format
+from stages.output_dir import OutputDir
 from stages.ray_driver import _proc_table, descendants
 from stages.read_pairs import prescan
 from tests.fixtures.ray_cluster import free_port
@@ -90,6 +91,41 @@ def test_unusable_input_exits_2_before_writing(
     rc = main(["--src", str(src), "--out", str(tmp_path / "o"), "--model", str(tiny_sd15), *FAST])
     assert rc == 2 and expected in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kind", ["src_protocol", "src_braces", "out_protocol", "damaged_manifest"])
+def test_unusable_paths_exit_2_naming_them(
+    kind: str, synthetic_parquet: Path, tiny_sd15: Path, tmp_path: Path, capsys
+) -> None:
+    """An unknown filesystem, an unbalanced brace pattern or a damaged manifest in OUT is the user's to fix: exit 2
+    with the path in the message, not a traceback."""
+    src, out = str(synthetic_parquet / "validation"), str(tmp_path / "o")
+    if kind == "src_protocol":
+        src, named = "nofs://bucket/pairs", "nofs://bucket/pairs"
+    elif kind == "src_braces":
+        src = named = f"{src}/validation-{{000..001.parquet"
+    elif kind == "out_protocol":
+        out = named = "nofs://bucket/out"
+    else:
+        (tmp_path / "o").mkdir()
+        (tmp_path / "o" / "manifest.json").write_text('{"num_samples": ')
+        named = f"{out}/manifest.json: not readable as JSON"
+    rc = main(["--src", src, "--out", out, "--model", str(tiny_sd15), *FAST])
+    assert rc == 2 and named in capsys.readouterr().err
+
+
+def test_an_internal_error_is_not_reported_as_the_users(
+    synthetic_parquet: Path, tiny_sd15: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """main turns InputErrors into exit 2; any other error, a ValueError included, is a bug and keeps its
+    traceback."""
+
+    def broken_plan(*args: object) -> None:
+        raise ValueError("a bug in the planner")
+
+    monkeypatch.setattr(OutputDir, "plan_chunks", broken_plan)
+    with pytest.raises(ValueError, match="a bug in the planner"):
+        main(small_args(synthetic_parquet, tmp_path / "o", tiny_sd15))
 
 
 def test_out_inside_src_is_refused(synthetic_parquet: Path, tiny_sd15: Path, tmp_path: Path, capsys) -> None:

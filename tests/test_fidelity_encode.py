@@ -24,7 +24,7 @@ from schemas.manifest import Manifest
 from schemas.sample import PairMeta, decode_tensors
 from stages.decode_images import decode_pairs
 from stages.encode_latents import LatentEncoder
-from stages.read_pairs import REQUIRED_COLUMNS
+from stages.formats import CANONICAL_SCHEMA
 from tests.fixtures.image_zoo import image_zoo, official_tensor
 from tests.test_encode import encode as encode_cli
 from trainer.data import LatentPairStream
@@ -144,7 +144,7 @@ def test_stored_moments_equal_the_official_recipe_within_fp16_rounding(
 def test_the_tolerance_catches_the_fast_path(zoo_parquet, tiny_sd15: Path) -> None:
     """The same comparison on the opt-in fast path's moments (the old default) fails by orders of magnitude."""
     _, rows = zoo_parquet
-    batch = {k: np.array([row[k] for row in rows.values()], dtype=object) for k in REQUIRED_COLUMNS}
+    batch = {k: np.array([row[k] for row in rows.values()], dtype=object) for k in CANONICAL_SCHEMA.names}
     batch["label_0"] = batch["label_0"].astype(np.float64)
     moments = LatentEncoder(str(tiny_sd15), device="cpu")(
         decode_pairs(batch, resolution=R, preprocess="fast")

@@ -181,11 +181,11 @@ def test_stable_ids_follow_the_relative_path_not_the_location(tmp_path: Path) ->
     ids = []
     for src in (a, str(b)):
         fmt = get_format("preference", src)
-        ids.append([fmt.scan(f)["ranking_id"].to_pylist() for f in fmt.list_inputs()])
+        ids.append([fmt.read_ids_labels_captions(f)["ranking_id"].to_pylist() for f in fmt.list_inputs()])
     assert ids[0] == ids[1]
     assert ids[0][1][0] == stable_id("data/train-00001-of-00002.parquet", 0)
     wds = get_format("webdataset", write_webdataset(tmp_path / "w"))
-    scans = [wds.scan(f) for f in wds.list_inputs()]
+    scans = [wds.read_ids_labels_captions(f) for f in wds.list_inputs()]
     assert scans[0]["ranking_id"].to_pylist() == [500 + i for i in range(5)]
     assert scans[1]["ranking_id"].to_pylist()[0] == stable_id("pairs-001.tar", "s1_0000")
 

@@ -10,8 +10,14 @@ from pathlib import Path
 import pytest
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from embedded.latent_dataset import write_tar
-from schemas.sample import latent_tensor_names, model_family, read_tar, split_member_name, tensor_name
+from schemas.sample import (
+    latent_tensor_names,
+    model_family,
+    read_tar,
+    split_member_name,
+    tensor_name,
+    write_tar,
+)
 
 SAMPLES = [
     {"__key__": "00000000000000000001", "json": b'{"a": 1}', "safetensors": b"x" * 700},

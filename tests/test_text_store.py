@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 from torch.utils.data import DataLoader, Dataset
 
-from embedded.latent_dataset import write_latent_dataset, write_tar
+from embedded.latent_dataset import write_latent_dataset
 from schemas.manifest import Manifest
-from schemas.sample import EMPTY_CAPTION, caption_key
+from schemas.sample import EMPTY_CAPTION, caption_key, write_tar
 from trainer.text_store import TextEmbeddingStore
 
 

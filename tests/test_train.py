@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from embedded.latent_dataset import write_latent_dataset
-from schemas.atomic import process_umask, read_json
+from schemas.atomic import process_umask
 from schemas.manifest import Manifest
+from schemas.storage import read_json
 from tests.fixtures.damage import flip_byte, poison_pairs
 from trainer import demo, train
 from trainer.evaluate import evaluate, load_for_eval

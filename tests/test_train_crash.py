@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from schemas.atomic import read_json
+from schemas.storage import read_json
 from tests.test_train import FAST
 from trainer.data import LatentPairStream
 

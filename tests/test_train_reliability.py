@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from schemas.atomic import read_json
+from schemas.storage import read_json
 from trainer.preemption import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow

@@ -28,10 +28,11 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from schemas.atomic import atomic_write_json, publish_dir, read_json
+from schemas.atomic import publish_dir
 from schemas.config import TrainConfig
 from schemas.errors import InputError
 from schemas.options import Resume, keys_with
+from schemas.storage import read_json, write_json
 from trainer.model import has_lora
 
 CHECKPOINTS = "checkpoints"
@@ -131,12 +132,12 @@ def save_checkpoint(
         save_file(trainable_state(unet), tmp / "model.safetensors")
         opt_tensors, opt_json = _split_optimizer_state(optimizer)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
-        atomic_write_json(tmp / "optimizer.json", opt_json)
+        write_json(tmp / "optimizer.json", opt_json)
         sched = lr_scheduler.state_dict()
         # closures; rebuilt from the config
         sched.pop("lr_lambdas", None)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        atomic_write_json(
+        write_json(
             tmp / "state.json",
             {**meta, **dataclasses.asdict(state), "lr_scheduler": sched, "grad_scaler": scaler},
         )
@@ -254,7 +255,7 @@ def export_final(
     if accelerator.is_main_process:
         final.mkdir(parents=True, exist_ok=True)
         if run_info is not None:
-            atomic_write_json(final / EXPORT_RECORD, run_info)
+            write_json(final / EXPORT_RECORD, run_info)
         if has_lora(unet):
             lora_tmp = final / "lora.tmp"
             shutil.rmtree(lora_tmp, ignore_errors=True)

@@ -16,10 +16,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from schemas.atomic import read_json
 from schemas.config import TrainConfig, parse_config
 from schemas.errors import InputError
 from schemas.sample import pair_key
+from schemas.storage import read_json
 from trainer import train
 from trainer.evaluate import caption_gap, evaluate, load_for_eval
 

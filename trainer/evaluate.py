@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from schemas.atomic import read_json
 from schemas.config import SDXL_TIME_IDS
 from schemas.manifest import Manifest
+from schemas.storage import read_json
 from trainer.checkpoint import EXPORT_RECORD, load_trainable_weights
 from trainer.data import iter_eval_batches
 from trainer.losses import dpo_logits, dpo_loss, implicit_accuracy, reward_margin

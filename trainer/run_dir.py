@@ -13,7 +13,6 @@ refused, naming the keys; the data and the model are compared by content.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -22,14 +21,15 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from schemas.atomic import atomic_write_json, read_json
 from schemas.config import TrainConfig
+from schemas.dir_lock import DirLock
 from schemas.errors import InputError
 from schemas.loss_table import default_beta, family_setting
 from schemas.manifest import Manifest
 from schemas.options import Resume, rules
+from schemas.storage import read_json, write_json
 from trainer.checkpoint import CHECKPOINTS, FINAL, check_topology, data_topology, list_checkpoints
 from trainer.model import check_data_fits_model
 
@@ -232,7 +232,7 @@ def begin_run(cfg: TrainConfig, run_id: str, data: dict[str, Any]) -> None:
             elif path.exists():
                 path.unlink()
     if current_run_id(out) != run_id:
-        atomic_write_json(
+        write_json(
             out / RUN_RECORD,
             {
                 "run_id": run_id,
@@ -246,25 +246,11 @@ def begin_run(cfg: TrainConfig, run_id: str, data: dict[str, Any]) -> None:
         shutil.rmtree(stale)
 
 
-def lock_output_dir(output_dir: str | Path) -> IO[str]:
-    """Hold `OUT/.lock` for the life of the returned file; the kernel releases it when the process dies (kill -9
-    too). A POSIX record lock (lockf), not flock: forked DataLoader workers do not inherit it, so a killed trainer's
-    orphaned workers, still exiting, cannot keep its rerun out. A second trainer gets an InputError naming the holder."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run's lifetime
-    try:
-        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    # EAGAIN or EACCES, as the platform reports a held record lock
-    except (BlockingIOError, PermissionError):
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise InputError(
-            f"--output-dir {out} is in use by another trainer ({holder}); wait for it or choose another"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-    handle.flush()
-    return handle
+def lock_output_dir(output_dir: str | Path) -> DirLock:
+    """Hold `OUT/.lock` until the returned lock is closed (schemas/dir_lock.py: released however the process dies,
+    not inherited by forked DataLoader workers). A second trainer gets an InputError naming the holder."""
+
+    def refusal(holder: str) -> str:
+        return f"--output-dir {output_dir} is in use by another trainer ({holder}); wait for it or choose another"
+
+    return DirLock(output_dir, LOCK_FILE, refusal)

@@ -2,9 +2,9 @@
 
 A format is one small class (one module each) with three duties:
   `list_inputs()`  the sorted input files under `--src` (the unit of chunking and of skipping on rerun);
-  `scan(path)`     the cheap columns `ranking_id`, `label_0`, `caption` of one file, for the driver's pre-scan
-                   (drops, row counts, unique captions, duplicate ids); a file that does not fit the format raises
-                   InputError naming the file and the column or member, before any Ray work;
+  `read_ids_labels_captions(path)`  the cheap columns `ranking_id`, `label_0`, `caption` of one file, for the
+                   driver's prescan (drops, row counts, unique captions, duplicate ids); a file that does not fit the
+                   format raises InputError naming the file and the column or member, before any Ray work;
   `read(path)`     the file's rows as Arrow tables in `CANONICAL_SCHEMA`, run inside Ray read tasks.
 `dataset(files)` wraps `read` as a Ray Datasource with one read task per file, so CheckpointConfig (which needs a
 Read op and the `ranking_id` column straight after it) gives row-level kill -9 resume for every format alike.
@@ -23,7 +23,8 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from stages.read_pairs import InputError, list_files
+from schemas.errors import InputError
+from stages.input_files import list_files
 
 CANONICAL_SCHEMA = pa.schema(
     [
@@ -36,9 +37,13 @@ CANONICAL_SCHEMA = pa.schema(
         ("image_1_uid", pa.string()),
     ]
 )
+# what every format's read_ids_labels_captions returns, for the prescan
+ID_LABEL_CAPTION = pa.schema([CANONICAL_SCHEMA.field(name) for name in ("ranking_id", "label_0", "caption")])
 ROLES = ("caption", "chosen", "rejected", "image_0", "image_1", "label_0", "id")
-PAIR_ROLES = ("chosen", "rejected")  # label implied: the first image is preferred
-LABELLED_ROLES = ("image_0", "image_1", "label_0")  # Pick-a-Pic style: label 1 = image_0 preferred, 0.5 = tie
+# label implied: the first image is preferred
+PAIR_ROLES = ("chosen", "rejected")
+# Pick-a-Pic style: label 1 = image_0 preferred, 0.5 = tie
+LABELLED_ROLES = ("image_0", "image_1", "label_0")
 ROWS_PER_BLOCK = 256
 
 
@@ -87,7 +92,8 @@ class PairFormat(ABC):
     """One input layout; see the module docstring. Instances are pickled into Ray read tasks."""
 
     name: ClassVar[str]
-    suffix: ClassVar[str]  # input files end with this
+    # input files end with this
+    suffix: ClassVar[str]
     default_columns: ClassVar[dict[str, str]] = {}
 
     def __init__(self, src: str, columns: str = "") -> None:
@@ -108,7 +114,7 @@ class PairFormat(ABC):
         return stable_id(self.relative.get(path, path), *where)
 
     @abstractmethod
-    def scan(self, path: str) -> pa.Table:
+    def read_ids_labels_captions(self, path: str) -> pa.Table:
         """`ranking_id` (int64), `label_0` (numeric or null), `caption` (string or null) of every row of `path`."""
 
     @abstractmethod

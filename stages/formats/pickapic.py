@@ -8,20 +8,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.formats import CANONICAL_SCHEMA, ROWS_PER_BLOCK, PairFormat
-from stages.read_pairs import InputError
-
-SCAN_COLUMNS = ["ranking_id", "label_0", "caption"]
-
-
-def open_parquet(path: str) -> tuple[pq.ParquetFile, fsspec.core.OpenFile]:
-    """(ParquetFile, the open file to close); an unreadable file is an InputError naming it."""
-    f = fsspec.open(path, "rb").open()
-    try:
-        return pq.ParquetFile(f), f
-    except Exception as e:  # pyarrow/fsspec raise many types for corrupt or unreadable files
-        f.close()
-        raise InputError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from e
+from schemas.errors import InputError
+from stages.formats import CANONICAL_SCHEMA, ID_LABEL_CAPTION, ROWS_PER_BLOCK, PairFormat
+from stages.input_files import open_parquet, read_parquet_columns
 
 
 class PickapicFormat(PairFormat):
@@ -36,13 +25,10 @@ class PickapicFormat(PairFormat):
             raise InputError(f"{path}: missing required column {missing[0]!r} (missing: {missing})")
         return pf, f
 
-    def scan(self, path: str) -> pa.Table:
+    def read_ids_labels_captions(self, path: str) -> pa.Table:
         pf, f = self._open(path)
         with f:
-            try:
-                return pf.read(columns=SCAN_COLUMNS)
-            except Exception as e:
-                raise InputError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from e
+            return read_parquet_columns(pf, path, ID_LABEL_CAPTION.names)
 
     def read(self, path: str) -> Iterator[pa.Table]:
         pf, f = self._open(path)

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stages.formats import ROWS_PER_BLOCK, PairFormat, canonical_table
-from stages.formats.pickapic import open_parquet
-from stages.read_pairs import InputError
+from schemas.errors import InputError
+from stages.formats import ID_LABEL_CAPTION, ROWS_PER_BLOCK, PairFormat, canonical_table
+from stages.input_files import open_parquet, read_parquet_columns
 
 
 def _image_kind(t: pa.DataType) -> str | None:
@@ -90,7 +90,12 @@ class PreferenceFormat(PairFormat):
 
     def _ids(self, path: str, table: pa.Table, first_row: int) -> pa.Array:
         if "id" in self.columns:
-            return pc.cast(table[self.columns["id"]], pa.int64())
+            try:
+                return pc.cast(table[self.columns["id"]], pa.int64())
+            except pa.ArrowInvalid as e:
+                raise InputError(
+                    f"{path}: column {self.columns['id']!r} (id) does not fit int64 ({e})"
+                ) from e
         return pa.array([self.stable_row_id(path, first_row + i) for i in range(len(table))], pa.int64())
 
     def _labels(self, table: pa.Table) -> pa.Array:
@@ -98,14 +103,15 @@ class PreferenceFormat(PairFormat):
             return pc.cast(table[self.columns["label_0"]], pa.float64())
         return pa.array([1.0] * len(table), pa.float64())
 
-    def scan(self, path: str) -> pa.Table:
+    def read_ids_labels_captions(self, path: str) -> pa.Table:
         pf, f = self._open(path)
         wanted = [self.columns[r] for r in ("caption", "label_0", "id") if r in self.columns]
         with f:
-            table = pf.read(columns=wanted)
+            table = read_parquet_columns(pf, path, wanted)
         caption = pc.cast(table[self.columns["caption"]], pa.string())
         return pa.table(
-            {"ranking_id": self._ids(path, table, 0), "label_0": self._labels(table), "caption": caption}
+            {"ranking_id": self._ids(path, table, 0), "label_0": self._labels(table), "caption": caption},
+            schema=ID_LABEL_CAPTION,
         )
 
     def read(self, path: str) -> Iterator[pa.Table]:

@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
+from schemas.errors import InputError
 from schemas.sample import read_tar
-from stages.formats import ROWS_PER_BLOCK, PairFormat, canonical_table
-from stages.read_pairs import InputError
+from stages.formats import ID_LABEL_CAPTION, ROWS_PER_BLOCK, PairFormat, canonical_table
 
 META_EXT = "json"
 
@@ -41,29 +41,25 @@ class WebDatasetFormat(PairFormat):
         self, path: str, read_images: bool
     ) -> Iterator[tuple[str, dict[str, Any], list[bytes | None]]]:
         """(key, parsed json, [image_0, image_1] or [None, None]) per sample, in file order, through schemas'
-        tar reader (WebDataset's key rule, a member twice is an error), checking each sample holds every member;
-        errors name the shard, the key and the member or JSON key. Samples with none of the members are skipped."""
+        tar reader (WebDataset's key rule; an unreadable tar or a member twice is a CorruptSampleError), checking
+        each sample holds every member; errors name the shard, the key and the member or JSON key. Samples with
+        none of the members are skipped."""
         wanted = {META_EXT, *self.image_exts}
-        try:
-            for sample in read_tar(path, read=wanted if read_images else (META_EXT,)):
-                if not wanted & sample.spans.keys():
-                    continue
-                missing = sorted(wanted - sample.spans.keys())
-                if missing:
-                    raise InputError(
-                        f"{path}: sample {sample.key!r} lacks member(s) {['.' + m for m in missing]}"
-                    )
-                try:
-                    meta = json.loads(sample.data[META_EXT])
-                except ValueError as e:
-                    raise InputError(
-                        f"{path}: sample {sample.key!r}: {META_EXT} member is not JSON ({e})"
-                    ) from e
-                if not isinstance(meta, dict):
-                    raise InputError(f"{path}: sample {sample.key!r}: {META_EXT} member is not a JSON object")
-                yield sample.key, meta, [sample.data.get(e) for e in self.image_exts]
-        except ValueError as e:  # read_tar: unreadable or truncated tar, or a member twice, naming the tar
-            raise InputError(str(e)) from e
+        for sample in read_tar(path, read=wanted if read_images else (META_EXT,)):
+            if not wanted & sample.spans.keys():
+                continue
+            missing = sorted(wanted - sample.spans.keys())
+            if missing:
+                raise InputError(
+                    f"{path}: sample {sample.key!r} lacks member(s) {['.' + m for m in missing]}"
+                )
+            try:
+                meta = json.loads(sample.data[META_EXT])
+            except ValueError as e:
+                raise InputError(f"{path}: sample {sample.key!r}: {META_EXT} member is not JSON ({e})") from e
+            if not isinstance(meta, dict):
+                raise InputError(f"{path}: sample {sample.key!r}: {META_EXT} member is not a JSON object")
+            yield sample.key, meta, [sample.data.get(e) for e in self.image_exts]
 
     def _fields(self, path: str, key: str, meta: dict[str, Any]) -> tuple[int, str | None, float | None]:
         """(ranking_id, caption, label_0) of one sample; a missing JSON key is an error naming it."""
@@ -85,19 +81,14 @@ class WebDatasetFormat(PairFormat):
             raise InputError(f"{path}: sample {key!r}: {self.columns['id']!r} is not an integer ({rid!r})")
         return rid, caption, None if label is None else float(label)
 
-    def scan(self, path: str) -> pa.Table:
+    def read_ids_labels_captions(self, path: str) -> pa.Table:
         rows: dict[str, list] = {"ranking_id": [], "label_0": [], "caption": []}
         for key, meta, _ in self._samples(path, read_images=False):
             rid, caption, label = self._fields(path, key, meta)
             rows["ranking_id"].append(rid)
             rows["label_0"].append(label)
             rows["caption"].append(caption)
-        return pa.table(
-            rows,
-            schema=pa.schema(
-                [("ranking_id", pa.int64()), ("label_0", pa.float64()), ("caption", pa.string())]
-            ),
-        )
+        return pa.table(rows, schema=ID_LABEL_CAPTION)
 
     def read(self, path: str) -> Iterator[pa.Table]:
         rows: dict[str, list] = {c: [] for c in ("ranking_id", "caption", "label_0", "jpg_0", "jpg_1")}
@@ -106,7 +97,8 @@ class WebDatasetFormat(PairFormat):
             rid, caption, label = self._fields(path, key, meta)
             for name, value in zip(rows, (rid, caption, label, *images), strict=False):
                 rows[name].append(value)
-            for j, ext in enumerate(self.image_exts):  # a Pick-a-Pic mirror keeps the image uids in the JSON
+            for j, ext in enumerate(self.image_exts):
+                # a Pick-a-Pic mirror keeps the image uids in the JSON
                 rows[f"image_{j}_uid"].append(str(meta.get(f"image_{j}_uid") or f"{key}.{ext}"))
             if len(rows["ranking_id"]) == ROWS_PER_BLOCK:
                 yield canonical_table(rows)
