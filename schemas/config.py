@@ -144,6 +144,9 @@ class EncodeConfig:
         16, "pairs per VAE call (4 images each with flips)", minimum=1, rule=Rerun.RUNTIME
     )
     text_batch_size: int = option(64, "captions per text-encoder call", minimum=1, rule=Rerun.RUNTIME)
+    # speed only, equal up to rounding (as the batch sizes are): BENCHMARKS_GPU.md measures them
+    vae_channels_last: bool = option(False, "VAE in channels-last (NHWC) memory format", rule=Rerun.RUNTIME)
+    vae_compile: bool = option(False, "torch.compile the VAE encoder (inductor)", rule=Rerun.RUNTIME)
     num_encoders: int = option(
         0, "encoder actors; 0: one per GPU, or one per 2 CPUs without GPUs", minimum=0, rule=Rerun.RUNTIME
     )

@@ -140,9 +140,9 @@ def run(config: EncodeConfig) -> Report | None:
             output.write_marker(output_config(config))
             pool = encoder_pool_size(config.num_encoders, started_ray)
             work = replace(config, model=inputs.model_dir, num_encoders=pool)
-            chunks, encoded_rows = encode_all(work, output, plan, inputs.fmt, inputs.scan)
+            chunks, counts = encode_all(work, output, plan, inputs.fmt, inputs.scan)
             manifest = write_manifest(config, inputs.model_dir, output, chunks)
-    return write_report(config, output, manifest, chunks, encoded_rows, time.perf_counter() - t0)
+    return write_report(config, output, manifest, chunks, counts, time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:

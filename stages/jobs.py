@@ -32,7 +32,7 @@ from stages.output_dir import (
     next_attempt,
     part_name,
 )
-from stages.progress import RowCounter, RowProgress, count_rows
+from stages.progress import RowCounter, RowProgress, RunCounts, count_rows
 from stages.ray_driver import model_stage
 from stages.read_pairs import Prescan
 
@@ -183,6 +183,11 @@ def encode_chunk(
                 config.encode_batch_size,
                 flip=config.flip,
                 latent_mode=config.latent_mode,
+                channels_last=config.vae_channels_last,
+                compile=config.vae_compile,
+                # a lone actor sees the batches in input order: reuse across them stays a function of the input
+                reuse_across_batches=config.num_encoders == 1,
+                counter=counter,
             ),
         )
         .map_batches(count_rows, batch_size=None, fn_kwargs={"counter": counter})
@@ -205,9 +210,9 @@ def encode_chunk(
 
 def encode_all(
     config: EncodeConfig, output: OutputDir, plan: list[tuple[int, list[str]]], fmt: PairFormat, scan: Prescan
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[dict[str, Any]], RunCounts]:
     """Every chunk of `plan` that is not committed yet, and the new captions beside them; returns every chunk's
-    `_part.json` (with its directory name) and the rows encoded by this run."""
+    `_part.json` (with its directory name) and what this run encoded."""
     import ray
 
     counter = ray.remote(num_cpus=0)(RowCounter).remote()
@@ -238,6 +243,6 @@ def encode_all(
         if text_done is not None:
             text_done.result()
         progress.finish(counter)
-        return done, encoded_rows
+        return done, RunCounts(encoded_rows, ray.get(counter.vae_images.remote()))
     finally:
         progress.stop()

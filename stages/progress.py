@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TextIO
 
@@ -37,6 +38,15 @@ class RowCounter:
 
     def vae_images(self) -> int:
         return self.images
+
+
+@dataclass(frozen=True)
+class RunCounts:
+    """What this run encoded (a rerun after a kill counts only its own work)."""
+
+    rows: int
+    # images through the VAE, each view counted: unique images × views when every recurrence is reused
+    vae_images: int
 
 
 def count_rows(batch: dict[str, Any], counter: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from schemas.sample import (
     read_tar,
 )
 from stages.output_dir import PAIRS, TEXT, TEXT_MEMBERS, OutputDir, shard_entries
+from stages.progress import RunCounts
 
 
 def _code_version() -> str:
@@ -110,7 +111,7 @@ def write_report(
     output: OutputDir,
     manifest: Manifest,
     chunks: list[dict[str, Any]],
-    encoded_rows: int,
+    counts: RunCounts,
     seconds: float,
 ) -> Report:
     dropped: dict[str, int] = {}
@@ -118,7 +119,8 @@ def write_report(
         for reason, n in c["dropped"].items():
             dropped[reason] = dropped.get(reason, 0) + n
     pair_bytes = sum(storage.size(output.join(s.path)) for s in manifest.shards)
-    images_per_row = 4 if config.flip else 2
+    views = 2 if config.flip else 1
+    encoded_rows = counts.rows
     report = Report(
         rows_read=sum(c["rows_read"] for c in chunks),
         rows_written=manifest.num_samples,
@@ -127,7 +129,10 @@ def write_report(
         extra={
             "rows_encoded_this_run": encoded_rows,
             "rows_per_s": round(encoded_rows / seconds, 2),
-            "images_per_s": round(encoded_rows * images_per_row / seconds, 2),
+            "images_per_s": round(encoded_rows * 2 * views / seconds, 2),
+            # each recurring image once per view, not once per pair slot
+            "vae_images": counts.vae_images,
+            "vae_images_per_pair": round(counts.vae_images / max(1, encoded_rows), 3),
             "bytes_per_pair": round(pair_bytes / max(1, manifest.num_samples)),
             "text_samples": manifest.num_text_samples,
         },
@@ -135,7 +140,8 @@ def write_report(
     report.save(output.root)
     print(
         f"encode: done in {seconds:.1f}s: {report.rows_written}/{report.rows_read} rows written, "
-        f"{report.extra['rows_per_s']} rows/s, {report.extra['images_per_s']} images/s (VAE inputs incl. flips), "
+        f"{report.extra['rows_per_s']} rows/s, {counts.vae_images} VAE images for {2 * views * encoded_rows} pair "
+        f"slots (views included), "
         f"dropped {report.dropped or 'nothing'}, {report.extra['bytes_per_pair']} bytes/pair, "
         f"{manifest.num_text_samples} caption embeddings → {output.manifest}",
         flush=True,
