@@ -234,7 +234,7 @@ class Bench:
             )
         except Exception as e:  # out of memory, a kernel a backend lacks, ...: a result worth recording
             release_device_memory()
-            self.report.add("step", [family, label, batch_size, failure(e), "", "", "", ""])
+            self.report.add("step", [family, label, batch_size, failure(e), "", "", "", "", ""])
             return None
         if m.flops_per_pair:
             self.flops_per_pair[family] = m.flops_per_pair
@@ -246,8 +246,9 @@ class Bench:
         self.rates[(family, label, batch_size)] = m.pairs_per_s
         self.options[(family, label, batch_size)] = dict(options)
         peak = f"{m.peak_gib:.1f}" if m.peak_gib is not None else "n/a"
+        drift = f"{m.gradient_vs_eager:.1e}" if m.gradient_vs_eager is not None else ""
         row = [family, label, batch_size, f"{m.pairs_per_s:.2f}", *self.mfu(family, m.pairs_per_s), peak]
-        self.report.add("step", [*row, f"{m.first_steps_s:.0f}"])
+        self.report.add("step", [*row, f"{m.first_steps_s:.0f}", drift])
         return m.pairs_per_s
 
     def forward_flops(self, setup: Setup) -> float:
@@ -494,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         "step",
         "## DPO train step (the trainer's build, loader and train_step; bf16 autocast, AdamW, fp32 master weights)"
         "\n\nSteady pairs/s over the timed steps after the warm-up steps (whose seconds, compilation included, "
-        "are the last column); peak = torch.cuda.max_memory_allocated (GiB).",
+        "are the warm-up column); peak = torch.cuda.max_memory_allocated (GiB); gradient vs eager (compiled rows): "
+        "relative L2 distance of one micro-batch's gradient from the same modules forced eager.",
         [
             "family",
             "variant",

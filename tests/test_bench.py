@@ -42,7 +42,7 @@ def test_tiny_run_writes_every_table(tmp_path: Path) -> None:
         assert heading in text
     rows = [line for line in text.splitlines() if line.startswith("| sdxl |")]
     cells = [[c.strip() for c in row.split("|")[1:-1]] for row in rows]
-    steps = [c for c in cells if len(c) == 8 and c[2].isdigit()]
+    steps = [c for c in cells if len(c) == 9 and c[2].isdigit()]
     variants = [c[1] for c in steps]
     assert variants[0] == "eager" and variants[1].startswith("best: ") and variants[2] == "LoRA rank 64"
     assert not any("failed" in row or "error" in row.lower() for row in rows)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from schemas.config import ATTENTION_BACKENDS, TrainConfig
 from schemas.errors import InputError
 from trainer.speed import ATTENTION_KERNELS, attention_backend
-from trainer.step import _with_noise, micro_batch_loss
+from trainer.step import micro_batch_loss, with_noise
 from trainer.train import build_trainer, training_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def _errors_and_gradient(model: Path, data: Path, **options: object) -> tuple[to
     accelerator = Accelerator(cpu=True, step_scheduler_with_optimizer=False)
     with attention_backend(cfg.attention_backend):
         trainer = build_trainer(cfg, accelerator)
-        batch = _with_noise(next(training_batches(cfg, accelerator, 0)), trainer, 0)
+        batch = with_noise(next(training_batches(cfg, accelerator, 0)), trainer, 0)
         loss, stats = micro_batch_loss(trainer, batch)
         accelerator.backward(loss)
     errors = torch.stack([stats[k] for k in ("policy_err_w", "policy_err_l", "ref_err_w", "ref_err_l")])

@@ -71,7 +71,7 @@ def train_step(trainer: Trainer, state: TrainState, batches: Iterator[dict]) -> 
         wait_start = time.perf_counter()
         batch = next(batches)
         data_wait += time.perf_counter() - wait_start
-        batch = _with_noise(batch, trainer, state.micro_step)
+        batch = with_noise(batch, trainer, state.micro_step)
         state.micro_step += 1
         with accelerator.accumulate(trainer.prepared_policy):
             loss, stats = micro_batch_loss(trainer, batch)
@@ -84,7 +84,7 @@ def train_step(trainer: Trainer, state: TrainState, batches: Iterator[dict]) -> 
     return StepResult(metrics, grad_norm, skipped, stop, time.perf_counter() - start, data_wait)
 
 
-def _with_noise(batch: dict, trainer: Trainer, micro_step: int) -> dict:
+def with_noise(batch: dict, trainer: Trainer, micro_step: int) -> dict:
     """The batch on the device with its training noise and timesteps, drawn on the host from (seed, rank,
     micro_step) and copied without blocking (pinned on CUDA), so a resumed run draws exactly the same."""
     device = trainer.accelerator.device
