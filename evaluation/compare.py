@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation.cli import run_cli
 from evaluation.layout import IMAGES_FILE, REPORT_FILE, SCORES_FILE, read_images, read_scores, read_settings
 from evaluation.report import PairRow, write_report
 from schemas.errors import InputError
@@ -70,6 +71,12 @@ def paired_stats(a: np.ndarray, b: np.ndarray, bootstrap: int = BOOTSTRAP, seed:
         win_rate_ties_as_losses=wins / n,
         ci95=(float(low), float(high)),
     )
+
+
+def _pair_order(pair: tuple) -> tuple:
+    """(prompt_id, seed) in prompt order: integer ids by value, then string ids."""
+    prompt_id, seed = pair
+    return (isinstance(prompt_id, str), prompt_id if isinstance(prompt_id, int) else 0, str(prompt_id), seed)
 
 
 def _blocks(total: int, size: int) -> list[int]:
@@ -129,7 +136,7 @@ def compare(args: argparse.Namespace) -> dict:
     table: dict[str, dict[tuple, tuple[float, float]]] = {}
     for (name, version), per_model in sorted(scores.items()):
         label = name if len(versions[name]) == 1 else f"{name}@{version}"
-        pairs = sorted(set(per_model[args.a]) & set(per_model[args.b]), key=str)
+        pairs = sorted(set(per_model[args.a]) & set(per_model[args.b]), key=_pair_order)
         if not pairs:
             result["skipped"][label] = (
                 f"0 pairs ({len(per_model[args.a])} images of {args.a}, {len(per_model[args.b])} of {args.b})"
@@ -157,7 +164,7 @@ def compare(args: argparse.Namespace) -> dict:
             path_b=by_key[(args.b, *key)].path,
             scores={label: t[key] for label, t in table.items() if key in t},
         )
-        for key, prompt in sorted(prompts.items(), key=lambda kv: (str(kv[0][0]), kv[0][1]))
+        for key, prompt in sorted(prompts.items(), key=lambda kv: _pair_order(kv[0]))
         if (args.a, *key) in by_key and (args.b, *key) in by_key
     ]
     settings = {m: read_settings(out, m) for m in (args.a, args.b)}
@@ -187,16 +194,15 @@ def print_table(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments().parse_args(argv)
-    try:
+
+    def compare_and_print() -> None:
         result = compare(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(result, ensure_ascii=False))
-    else:
-        print_table(result)
-    return 0
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False))
+        else:
+            print_table(result)
+
+    return run_cli(compare_and_print, "compare: interrupted; nothing was written")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluation import scorers
+from evaluation.cli import run_cli
 from evaluation.layout import (
     IMAGES_FILE,
     SCORES_FILE,
@@ -122,15 +123,8 @@ def run(args: argparse.Namespace) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(arguments().parse_args(argv))
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("score: interrupted; the same command scores what is still missing", file=sys.stderr)
-        return 130
-    return 0
+    args = arguments().parse_args(argv)
+    return run_cli(lambda: run(args), "score: interrupted; the same command scores what is still missing")
 
 
 if __name__ == "__main__":

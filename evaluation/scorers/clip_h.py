@@ -142,7 +142,7 @@ class HPS(OpenClipCosine):
             if len(present) != 1:
                 raise InputError(
                     f"--scorer hps={arg}: {path} holds {len(present)} of {list(HPS_FILES.values())}; "
-                    "pass the checkpoint file itself"
+                    "pass the checkpoint file itself (or hps=v2.0 | hps=v2.1 for xswu/HPSv2's)"
                 )
             checkpoint = present[0]
         versions = {name: version for version, name in HPS_FILES.items()}

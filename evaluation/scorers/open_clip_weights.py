@@ -49,22 +49,23 @@ BLOCK_KEYS = {
     "mlp.c_fc": "mlp.fc1",
     "mlp.c_proj": "mlp.fc2",
 }
+# the layer norms outside the blocks: open_clip module → transformers module
+NORMS = {
+    "visual.ln_pre": "vision_model.pre_layrnorm",
+    "visual.ln_post": "vision_model.post_layernorm",
+    "ln_final": "text_model.final_layer_norm",
+}
 # everything outside the blocks: open_clip key → (transformers key, transposed)
 TOWER_KEYS = {
     "visual.class_embedding": ("vision_model.embeddings.class_embedding", False),
     "visual.positional_embedding": ("vision_model.embeddings.position_embedding.weight", False),
     "visual.conv1.weight": ("vision_model.embeddings.patch_embedding.weight", False),
-    "visual.ln_pre.weight": ("vision_model.pre_layrnorm.weight", False),
-    "visual.ln_pre.bias": ("vision_model.pre_layrnorm.bias", False),
-    "visual.ln_post.weight": ("vision_model.post_layernorm.weight", False),
-    "visual.ln_post.bias": ("vision_model.post_layernorm.bias", False),
     "visual.proj": ("visual_projection.weight", True),  # open_clip: x @ proj; nn.Linear: x @ weight.T
     "token_embedding.weight": ("text_model.embeddings.token_embedding.weight", False),
     "positional_embedding": ("text_model.embeddings.position_embedding.weight", False),
-    "ln_final.weight": ("text_model.final_layer_norm.weight", False),
-    "ln_final.bias": ("text_model.final_layer_norm.bias", False),
     "text_projection": ("text_projection.weight", True),
     "logit_scale": ("logit_scale", False),
+    **{f"{oc}.{p}": (f"{hf}.{p}", False) for oc, hf in NORMS.items() for p in ("weight", "bias")},
 }
 BLOCK = re.compile(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)")
 IGNORED = {"attn_mask"}  # the causal mask, a buffer that older open_clip versions saved
@@ -87,32 +88,32 @@ def clip_config(model_cfg: dict[str, Any], eos_token_id: int, where: str):
     if not isinstance(vision["layers"], int) or vision["width"] % vision["head_width"]:
         raise InputError(f"{where}: vision_cfg {vision} is not a ViT whose width divides into heads")
     act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+
+    def tower(cfg: dict[str, Any], heads: int) -> dict[str, Any]:
+        return {
+            "hidden_size": cfg["width"],
+            "intermediate_size": int(cfg["width"] * cfg["mlp_ratio"]),
+            "num_hidden_layers": cfg["layers"],
+            "num_attention_heads": heads,
+            "hidden_act": act,
+            "layer_norm_eps": LAYER_NORM_EPS,
+            "projection_dim": model_cfg["embed_dim"],
+        }
+
+    text_config = {
+        **tower(text, text["heads"]),
+        "vocab_size": text["vocab_size"],
+        "max_position_embeddings": text["context_length"],
+        # open_clip pools the text at the first end-of-text token (argmax of the ids, the largest id)
+        "eos_token_id": eos_token_id,
+    }
+    vision_config = {
+        **tower(vision, vision["width"] // vision["head_width"]),
+        "image_size": vision["image_size"],
+        "patch_size": vision["patch_size"],
+    }
     return CLIPConfig(
-        projection_dim=model_cfg["embed_dim"],
-        text_config={
-            "vocab_size": text["vocab_size"],
-            "hidden_size": text["width"],
-            "intermediate_size": int(text["width"] * text["mlp_ratio"]),
-            "num_hidden_layers": text["layers"],
-            "num_attention_heads": text["heads"],
-            "max_position_embeddings": text["context_length"],
-            "hidden_act": act,
-            "layer_norm_eps": LAYER_NORM_EPS,
-            # open_clip pools the text at the first end-of-text token (argmax of the ids, the largest id)
-            "eos_token_id": eos_token_id,
-            "projection_dim": model_cfg["embed_dim"],
-        },
-        vision_config={
-            "hidden_size": vision["width"],
-            "intermediate_size": int(vision["width"] * vision["mlp_ratio"]),
-            "num_hidden_layers": vision["layers"],
-            "num_attention_heads": vision["width"] // vision["head_width"],
-            "image_size": vision["image_size"],
-            "patch_size": vision["patch_size"],
-            "hidden_act": act,
-            "layer_norm_eps": LAYER_NORM_EPS,
-            "projection_dim": model_cfg["embed_dim"],
-        },
+        projection_dim=model_cfg["embed_dim"], text_config=text_config, vision_config=vision_config
     )
 
 

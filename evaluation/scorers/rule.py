@@ -62,7 +62,8 @@ def rule_score(image: Image.Image, colour: int) -> float:
     # candidates: 0 background, 1..8 full strength, 9..16 washed out as synthetic.py draws it ((c + bg) // 2)
     candidates = np.concatenate([background[None], PALETTE, np.floor((PALETTE + background) / 2)])
     flat = pixels.reshape(-1, 3)
-    nearest = ((flat[:, None, :] - candidates[None]) ** 2).sum(-1).argmin(1)
+    # argmin over candidates c of |p - c|² = |p|² - 2 p·c + |c|², whose first term is the same for every c
+    nearest = ((candidates**2).sum(1)[None] - 2 * flat @ candidates.T).argmin(1)
     counts = np.bincount(nearest, minlength=len(candidates))
     object_pixels = max(int(counts[1:].sum()), MIN_OBJECT_SHARE * len(flat))
     full, washed = counts[1 + colour], counts[1 + len(PALETTE) + colour]
