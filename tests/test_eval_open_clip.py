@@ -48,12 +48,8 @@ from evaluation.scorers import load, resolve
 from evaluation.scorers.clip_h import clean_prompt, hps_pixels
 from evaluation.scorers.open_clip_weights import clip_config, transformers_state_dict
 from schemas.errors import InputError
-from tests.fixtures.scorer_models import (
-    PREPROCESS_CFG,
-    TINY_OPEN_CLIP,
-    open_clip_module,
-    torchvision_transforms,
-)
+from tests.fixtures.image_zoo import torchvision_transforms
+from tests.fixtures.scorer_models import PREPROCESS_CFG, TINY_OPEN_CLIP, open_clip_module
 
 PROMPTS = [
     "a red cube",
