@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from evaluation import layout, score
+from evaluation import layout, score, scorers
 from evaluation.layout import IMAGES_FILE, SCORES_FILE
+from evaluation.scorers.rule import Rule
 from tests.fixtures.eval_folders import PAIRS
 
 IMAGES = 2 * len(PAIRS)
@@ -54,8 +56,10 @@ def test_scores_every_image_once_per_scorer_and_reruns_only_the_missing(
         "weights",
     }
 
+    assert re.search(
+        r"score rule: 100%.* 16/16 \[\d\d:\d\d<\d\d:\d\d", capsys.readouterr().err
+    )  # progress, ETA
     before = (eval_folder / SCORES_FILE).read_bytes()
-    capsys.readouterr()
     assert score.main(["--images", str(eval_folder), *[f"--scorer={s}" for s in specs]]) == 0
     assert "all 16 images already scored" in capsys.readouterr().out
     assert (eval_folder / SCORES_FILE).read_bytes() == before  # a finished run is a no-op
@@ -76,6 +80,31 @@ def test_hps_versions_are_kept_apart(eval_folder: Path, open_clip_scorers: dict[
     records = layout.read_scores(eval_folder)
     assert sorted({r.version for r in records}) == ["v2.0", "v2.1"]
     assert len(records) == 2 * IMAGES  # the second version is scored, not taken as done
+
+
+class InterruptedRule(Rule):
+    """The rule scorer, interrupted (Ctrl-C) while it scores its third batch."""
+
+    calls = 0
+
+    def score(self, images, prompts):
+        InterruptedRule.calls += 1
+        if InterruptedRule.calls == 3:
+            raise KeyboardInterrupt
+        return super().score(images, prompts)
+
+
+def test_an_interrupted_run_keeps_what_it_scored(
+    eval_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(scorers.SCORERS, "rule", InterruptedRule)
+    assert score.main(["--images", str(eval_folder), "--scorer", "rule", "--batch-size", "3"]) == 130
+    assert "the same command scores what is still missing" in capsys.readouterr().err
+    assert len(layout.read_scores(eval_folder)) == 6  # the two batches scored before the interrupt
+    monkeypatch.setitem(scorers.SCORERS, "rule", Rule)
+    assert score.main(["--images", str(eval_folder), "--scorer", "rule"]) == 0
+    assert f"{IMAGES - 6} of {IMAGES} images to score" in capsys.readouterr().out
+    assert len(layout.read_scores(eval_folder)) == IMAGES
 
 
 def test_publishing_merges_and_never_duplicates(tmp_path: Path) -> None:
