@@ -1,5 +1,4 @@
-"""Compare two models of an evaluation folder pair by pair: win rates per scorer with a bootstrap interval, and
-OUT/report.html.
+"""Compare two models of an evaluation folder pair by pair: win rates per scorer, intervals, OUT/report.html.
 
 CLI: python -m evaluation.compare --images OUT --a NAME --b NAME [--json] [--bootstrap N] [--seed S]
 
