@@ -11,4 +11,7 @@ pytest_plugins = [
     "tests.fixtures.ray_cluster",
     "tests.fixtures.latent_datasets",
     "tests.fixtures.s3",
+    "tests.fixtures.scorer_models",
+    "tests.fixtures.eval_folders",
+    "tests.fixtures.browser",
 ]

@@ -1,0 +1,5 @@
+"""Sample, score and compare: what preference tuning did to the images, measured the way the papers measure it.
+
+The on-disk contract of an evaluation folder OUT lives in `evaluation.layout`; `evaluation.score` adds reward-model
+scores to it and `evaluation.compare` turns two models' scores into paired win rates and an HTML report.
+"""
