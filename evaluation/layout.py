@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from schemas.atomic import atomic_write_bytes, atomic_write_json
+from schemas.atomic import atomic_write_bytes
 from schemas.errors import InputError
+from schemas.storage import write_json
 
 IMAGES_FILE = "images.jsonl"
 SCORES_FILE = "scores.jsonl"
@@ -195,7 +196,7 @@ def publish_scores(out: str | Path, records: Iterable[ScoreRecord]) -> int:
 
 
 def write_settings(out: str | Path, model: str, settings: dict[str, Any]) -> None:
-    atomic_write_json(Path(out) / model / SETTINGS_FILE, settings)
+    write_json(Path(out) / model / SETTINGS_FILE, settings)
 
 
 def read_settings(out: str | Path, model: str) -> dict[str, Any] | None:
