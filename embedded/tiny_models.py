@@ -111,7 +111,7 @@ def write_tokenizer(out: Path, pad_token: str) -> int:
     return len(vocab)
 
 
-def _text_config(vocab_size: int, hidden: int, projection_dim: int = 512) -> CLIPTextConfig:
+def text_config(vocab_size: int, hidden: int, projection_dim: int = 512) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -140,7 +140,7 @@ def _calibration_images(seed: int, n: int = 32) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _calibrate_vae(vae: AutoencoderKL, seed: int) -> None:
+def calibrate_vae(vae: AutoencoderKL, seed: int) -> None:
     """Give the random-init VAE the latent statistics of a trained SD VAE, which the noise schedule assumes.
 
     Random init yields posterior means of std ~0.3 (scaled: ~0.05, buried under unit noise at almost every
@@ -152,10 +152,14 @@ def _calibrate_vae(vae: AutoencoderKL, seed: int) -> None:
     dist = vae.encode(_calibration_images(seed)).latent_dist
     per_channel_mean = dist.mean.mean(dim=(0, 2, 3))
     factor = 1.0 / (vae.config.scaling_factor * dist.mean.std().item())
-    vae.quant_conv.weight[:c] *= factor
-    vae.quant_conv.bias[:c] = (vae.quant_conv.bias[:c] - per_channel_mean) * factor
+    # the last convolution before the posterior: quant_conv, or the encoder's own (SD3/FLUX VAEs have none)
+    moments = vae.quant_conv if vae.config.use_quant_conv else vae.encoder.conv_out
+    # the flow VAEs' latents are (z - shift) * scale: centre the means on the shift
+    shift = vae.config.shift_factor or 0.0
+    moments.weight[:c] *= factor
+    moments.bias[:c] = (moments.bias[:c] - per_channel_mean) * factor + shift
     target_logvar = 2 * math.log(POSTERIOR_STD / vae.config.scaling_factor)
-    vae.quant_conv.bias[c:] += target_logvar - dist.logvar.mean().item()
+    moments.bias[c:] += target_logvar - dist.logvar.mean().item()
 
 
 def _vae(family: str, seed: int) -> AutoencoderKL:
@@ -172,7 +176,7 @@ def _vae(family: str, seed: int) -> AutoencoderKL:
         scaling_factor=SCALING_FACTOR[family],
         force_upcast=family == "sdxl",
     )
-    _calibrate_vae(vae, seed)
+    calibrate_vae(vae, seed)
     return vae
 
 
@@ -225,7 +229,7 @@ def _assemble(family: str, tmp: Path, seed: int) -> None:
     torch.manual_seed(seed)
     parts = {
         "vae": _vae(family, seed),
-        "text_encoder": CLIPTextModel(_text_config(vocab_size, TEXT_HIDDEN)),
+        "text_encoder": CLIPTextModel(text_config(vocab_size, TEXT_HIDDEN)),
         "unet": _unet(family),
         "scheduler": _scheduler(),
         "tokenizer": CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
@@ -238,7 +242,7 @@ def _assemble(family: str, tmp: Path, seed: int) -> None:
         write_tokenizer(tmp / "tokenizer_2", pad_token="!")  # SDXL's second tokenizer pads with "!"
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(tmp / "tokenizer_2")
         parts["text_encoder_2"] = CLIPTextModelWithProjection(
-            _text_config(vocab_size, TEXT_HIDDEN_2, POOLED_DIM)
+            text_config(vocab_size, TEXT_HIDDEN_2, POOLED_DIM)
         )
         pipe = StableDiffusionXLPipeline(**parts, add_watermarker=False)
     pipe.save_pretrained(tmp)

@@ -50,6 +50,7 @@ OPTIMIZERS = ("adamw", "adafactor")
 # accelerate's names
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SDXL_TIME_IDS = ("constant", "image")
+TIMESTEP_SAMPLINGS = ("logit_normal", "uniform", "mode")
 # speed options of the step (trainer/speed.py, trainer/optim.py)
 COMPILE_MODES = (
     "default",
@@ -144,6 +145,12 @@ class EncodeConfig:
         16, "pairs per VAE call (4 images each with flips)", minimum=1, rule=Rerun.RUNTIME
     )
     text_batch_size: int = option(64, "captions per text-encoder call", minimum=1, rule=Rerun.RUNTIME)
+    max_sequence_length: int | None = option(
+        None,
+        "SD3/FLUX: T5 tokens per caption (default: the pipeline's encode_prompt default, 256 SD3 / 512 FLUX)",
+        minimum=1,
+        rule=Rerun.OUTPUT,
+    )
     # speed only, equal up to rounding (as the batch sizes are): BENCHMARKS_GPU.md measures them
     vae_channels_last: bool = option(False, "VAE in channels-last (NHWC) memory format", rule=Rerun.RUNTIME)
     vae_compile: bool = option(False, "torch.compile the VAE encoder (inductor)", rule=Rerun.RUNTIME)
@@ -316,6 +323,27 @@ class TrainConfig:
         "SDXL micro-conditioning: constant (R, R, 0, 0, R, R) as DiffusionDPO and SDXL inference; image: each "
         "image's stored size and crop (diffusers' SDXL script, MaPO)",
         choices=SDXL_TIME_IDS,
+        rule=Resume.REFUSED,
+    )
+    # flow-matching families (SD3, FLUX): diffusers' train_dreambooth_lora_sd3.py / _flux.py and flow_grpo's
+    # train_sd3_dpo.py sample the timestep from a logit-normal(0, 1) density over the scheduler's shifted sigmas
+    timestep_sampling: str = option(
+        "logit_normal",
+        "SD3/FLUX: timestep density (diffusers' compute_density_for_timestep_sampling)",
+        choices=TIMESTEP_SAMPLINGS,
+        rule=Resume.REFUSED,
+    )
+    logit_mean: float = option(
+        0.0, "SD3/FLUX: mean of the logit-normal timestep density", rule=Resume.REFUSED
+    )
+    logit_std: float = option(
+        1.0, "SD3/FLUX: std of the logit-normal timestep density", positive=True, rule=Resume.REFUSED
+    )
+    mode_scale: float = option(1.29, "SD3/FLUX: scale of the 'mode' timestep density", rule=Resume.REFUSED)
+    guidance: float = option(
+        3.5,
+        "FLUX with a guidance embedding (FLUX.1-dev): the guidance scale it trains at (diffusers' FLUX script)",
+        minimum=0.0,
         rule=Resume.REFUSED,
     )
     # data stream

@@ -85,6 +85,26 @@ def _both(beta: float | None = None, **setting: float) -> dict[str, FamilySettin
     return {"sd15": FamilySetting(beta, **setting), "sdxl": FamilySetting(beta, **setting)}
 
 
+# Flow-DPO: the DPO loss on mean squared velocity errors with a constant β (VideoAlign's Flow-DPO), 100 in
+# yifan123/flow_grpo config/dpo.py for SD3.5-medium at 512 px, on this project's h = β·m/2 scale (its
+# `inside_term = -0.5 * beta * w_l_diff`). No FLUX preference script publishes a β; flow_grpo#47 reports 500
+# spiking on a FLUX LoRA and its maintainer suggests 2000, so FLUX takes SD3.5's until one is published.
+FLOW_DPO_BETA = 100.0
+
+
+def _flow(beta: float | None = None) -> dict[str, FamilySetting]:
+    """The same setting for the flow-matching families."""
+    return {"sd3": FamilySetting(beta), "flux": FamilySetting(beta)}
+
+
+def _not_flow(reason: str) -> dict[str, FamilySetting]:
+    return {"sd3": FamilySetting(unsupported=reason), "flux": FamilySetting(unsupported=reason)}
+
+
+# the margin losses share DPO's h = β·m/2, so on flow errors they take Flow-DPO's β
+_FLOW_MARGIN = _flow(FLOW_DPO_BETA)
+
+
 _DIFFUSERS_DPO = (
     "huggingface/diffusers research_projects/diffusion_dpo (--beta_dpo 2500 on its scale = 5000 here)"
 )
@@ -92,31 +112,47 @@ _DIFFUSERS_DPO = (
 LOSSES: dict[str, LossSpec] = {
     "dpo": LossSpec(
         "dpo_loss",
-        {"sd15": FamilySetting(5000.0, sdpo_mu=0.9), "sdxl": FamilySetting(5000.0, sdpo_mu=0.6)},
+        {
+            "sd15": FamilySetting(5000.0, sdpo_mu=0.9),
+            "sdxl": FamilySetting(5000.0, sdpo_mu=0.6),
+            **_flow(FLOW_DPO_BETA),
+        },
         "SalesforceAIResearch/DiffusionDPO launchers/sd15.sh, sdxl.sh (β); "
-        "AIDC-AI/Diffusion-SDPO scripts/train/*_diffusion_dpo.sh (μ)",
+        "AIDC-AI/Diffusion-SDPO scripts/train/*_diffusion_dpo.sh (μ); yifan123/flow_grpo config/dpo.py (flow β)",
         sdpo=True,
         soft_labels=True,
     ),
     "cdpo": LossSpec(
         "cdpo_loss",
-        _both(5000.0),
+        {**_both(5000.0), **_FLOW_MARGIN},
         "eric-mitchell/direct-preference-optimization trainers.py (form); β as dpo; ε 0.1 as in issue 13",
         sdpo=True,
         params=(LossParam("label_smoothing", "label_smoothing", 0.1, "cdpo ε"),),
     ),
-    "ipo": LossSpec("ipo_loss", _both(5000.0), _DIFFUSERS_DPO),
-    "hinge": LossSpec("hinge_loss", _both(5000.0), _DIFFUSERS_DPO),
+    "ipo": LossSpec("ipo_loss", {**_both(5000.0), **_FLOW_MARGIN}, _DIFFUSERS_DPO),
+    "hinge": LossSpec("hinge_loss", {**_both(5000.0), **_FLOW_MARGIN}, _DIFFUSERS_DPO),
     "dmpo": LossSpec(
         "dmpo_loss",
-        {"sd15": FamilySetting(2000.0), "sdxl": FamilySetting(6000.0)},
+        {
+            "sd15": FamilySetting(2000.0),
+            "sdxl": FamilySetting(6000.0),
+            **_not_flow(
+                "its α and β were fitted to SD1.5/SDXL epsilon errors; no flow-matching setting is published"
+            ),
+        },
         "AIDC-AI/Diffusion-SDPO scripts/train/sd15_dmpo.sh, sdxl_dmpo.sh",
         sdpo=True,
         params=(LossParam("alpha", "dmpo_alpha", 0.01, "dmpo α"),),
     ),
     "mapo": LossSpec(
         "mapo_loss",
-        _both(0.1),
+        {
+            **_both(0.1),
+            **_not_flow(
+                "its f(e) = s·e/(e^(s·e) - 1) and T = num_train_timesteps are set for DDPM epsilon errors; velocity "
+                "errors are ~10x larger and no flow-matching setting is published"
+            ),
+        },
         "mapo-t2i/mapo args.py (beta_mapo 0.1, snr_value 0.5), utils.py compute_loss (T)",
         reference=False,
         params=(
@@ -125,12 +161,21 @@ LOSSES: dict[str, LossSpec] = {
         ),
     ),
     "sft": LossSpec(
-        "sft_loss", _both(), "SalesforceAIResearch/DiffusionDPO --sft", reference=False, winners_only=True
+        "sft_loss",
+        {**_both(), **_flow()},
+        "SalesforceAIResearch/DiffusionDPO --sft",
+        reference=False,
+        winners_only=True,
     ),
-    "diffusion": LossSpec("diffusion_loss", _both(), "plain denoising of both images", reference=False),
+    "diffusion": LossSpec(
+        "diffusion_loss",
+        {**_both(), **_flow()},
+        "plain denoising (flow matching) of both images",
+        reference=False,
+    ),
     "kto": LossSpec(
         "kto_loss",
-        _both(1000.0),
+        {**_both(1000.0), **_not_flow("Diffusion-KTO's β and reference point are published for SD1.5 only")},
         "jacklishufan/diffusion-kto train_kto_sd_v1.5.py argparse (beta_dpo 1000, lambda_d/u 1)",
         inputs=PER_IMAGE,
         mismatched_pass=True,
@@ -141,7 +186,10 @@ LOSSES: dict[str, LossSpec] = {
     ),
     "dspo": LossSpec(
         "dspo_loss",
-        _both(0.001, sdpo_mu=0.2),
+        {
+            **_both(0.001, sdpo_mu=0.2),
+            **_not_flow("its score-matching term is written for epsilon prediction (eps_theta - eps)"),
+        },
         "huaishengzhu/DSPO launchers/sd15.sh (β 0.001; SDXL's 5000 belongs to its other formula); "
         "AIDC-AI/Diffusion-SDPO scripts/train/sd15_dspo.sh (μ)",
         inputs=PREDICTIONS,

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from schemas.errors import InputError
+from schemas.families import MODEL_FAMILIES
 from schemas.storage import exists, join, read_json, write_json
 
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
 FORMAT_VERSION = 1
-MODEL_FAMILIES = ("sd15", "sdxl")
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,10 @@ class Manifest:
     latent_mode: str  # "moments" or "mean"
     latent_shape: list[int]  # [C, h, w]
     flip_variants: bool  # `_flip` tensors cached
-    text_embed_shape: list[int]  # [77, D]
-    pooled_embed_dim: int | None  # SDXL only
+    # [77, D]; SD3 [77 + max_sequence_length, D], FLUX [max_sequence_length, D]
+    text_embed_shape: list[int]
+    # SDXL, SD3, FLUX
+    pooled_embed_dim: int | None
     tie_policy: str
     encode_config: dict[str, Any]
     versions: dict[str, str]
@@ -51,6 +53,8 @@ class Manifest:
     # the per-member checksum algorithm (schemas.sample.CHECKSUM) the encode wrote; None: an encode from before
     # checksums, read unverified
     checksum: str | None = None
+    # SD3 / FLUX: T5 tokens per caption embedding (None: CLIP's 77 only)
+    max_sequence_length: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, out_dir: str | Path) -> None:

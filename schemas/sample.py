@@ -34,6 +34,7 @@ from safetensors.torch import save as save_safetensors
 
 from schemas import storage
 from schemas.errors import InputError
+from schemas.families import MODEL_FAMILIES, family_of_index, folder_family
 
 PAIR_META_EXT = "json"
 TENSORS_EXT = "safetensors"
@@ -76,19 +77,21 @@ def latent_tensor_names(latent_mode: str, flip: bool) -> list[str]:
 
 
 def model_family(model: str | Path) -> str:
-    """ "sdxl" or "sd15": the one family test of the encode (which text encoders to run) and the trainer (which
-    data fits its UNet). SDXL is the pipeline with a second text encoder, whose UNet takes the pooled text and time
-    ids (addition_embed_type "text_time"); a local folder counts as SDXL by either sign, so a folder holding only
-    the UNet is recognised too. A hub id is read from its model_index.json (the Hugging Face cache, or fetched)."""
+    """The family (schemas/families.py) of a model folder or hub id: the one family test of the encode (which text
+    encoders to run) and the trainer (which denoiser, which data fits it). A hub id is read from its
+    model_index.json (the Hugging Face cache, or fetched)."""
     folder = Path(model)
     if folder.is_dir():
-        unet_config = folder / "unet" / "config.json"
-        text_time = unet_config.is_file() and json.loads(unet_config.read_text()).get("addition_embed_type")
-        return "sdxl" if (folder / "text_encoder_2").is_dir() or text_time == "text_time" else "sd15"
+        return folder_family(folder)
     from huggingface_hub import hf_hub_download
 
     index = json.loads(Path(hf_hub_download(str(model), "model_index.json")).read_text())
-    return "sdxl" if "text_encoder_2" in index else "sd15"
+    family = family_of_index(index)
+    if family is None:
+        raise InputError(
+            f"--model {model}: pipeline {index.get('_class_name')!r} is not one of {MODEL_FAMILIES}"
+        )
+    return family
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,9 @@ from pathlib import Path
 from schemas import storage
 from schemas.config import EncodeConfig, parse_config
 from schemas.errors import InputError
+from schemas.families import FAMILIES
 from schemas.manifest import Report
+from schemas.sample import model_family
 from stages.formats import PairFormat, get_format
 from stages.jobs import encode_all
 from stages.output_dir import OutputDir, normalised, output_config
@@ -31,7 +33,15 @@ from stages.ray_driver import encoder_pool_size, ray_session
 from stages.read_pairs import Prescan, prescan
 
 # what the encode loads from a hub model: configs, tokenizers and safetensors weights, never the UNet
-MODEL_SUBFOLDERS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+MODEL_SUBFOLDERS = (
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+)
 MODEL_PATTERNS = ["model_index.json"] + [
     f"{sub}/*.{ext}" for sub in MODEL_SUBFOLDERS for ext in ("json", "txt", "model", "safetensors")
 ]
@@ -102,6 +112,12 @@ def preflight(config: EncodeConfig) -> Inputs:
     config = normalised(config)
     refuse_out_inside_src(config)
     model_dir = resolve_model(config.model)
+    family = FAMILIES[model_family(model_dir)]
+    if config.max_sequence_length and not family.is_flow:
+        raise InputError(
+            f"--max-sequence-length applies to the T5-conditioned families (SD3, FLUX); --model {config.model} "
+            f"is {family.name}"
+        )
     fmt = get_format(config.format, config.src, config.columns)
     files = fmt.list_inputs()
     scan = prescan(fmt, files, config.tie_policy)

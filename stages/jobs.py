@@ -83,7 +83,10 @@ def text_job(
     ctx.execution_options.preserve_order = True
     dataset = (
         ray.data.from_items([{"caption": c} for c in todo])
-        .map_batches(CaptionEncoder, **model_stage(config, 1, config.text_batch_size))
+        .map_batches(
+            CaptionEncoder,
+            **model_stage(config, 1, config.text_batch_size, max_sequence_length=config.max_sequence_length),
+        )
         .repartition(target_num_rows_per_block=config.text_shard_size, strict=True)
     )
 

@@ -15,6 +15,7 @@ from typing import Any
 from schemas import storage
 from schemas.config import EncodeConfig, config_to_dict
 from schemas.errors import InputError
+from schemas.families import FAMILIES
 from schemas.manifest import Manifest, Report, ShardEntry
 from schemas.sample import (
     CHECKSUM,
@@ -77,6 +78,7 @@ def write_manifest(
     vae = storage.read_json(str(Path(model_dir) / "vae" / "config.json"))
     down = 2 ** (len(vae["block_out_channels"]) - 1)
     text_shape, pooled = text_shapes(output, text_shards[0])
+    family = FAMILIES[model_family(model_dir)]
     manifest = Manifest(
         num_samples=sum(s.num_samples for s in shards),
         shards=shards,
@@ -84,7 +86,7 @@ def write_manifest(
         text_shards=text_shards,
         empty_caption_key=caption_key(EMPTY_CAPTION),
         model=config.model,
-        model_family=model_family(model_dir),
+        model_family=family.name,
         resolution=config.resolution,
         vae_scaling_factor=float(vae["scaling_factor"]),
         vae_shift_factor=vae.get("shift_factor"),
@@ -100,6 +102,9 @@ def write_manifest(
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         # parts published by an encode from before checksums have none; then nothing can be verified
         checksum=CHECKSUM if all(p.get("checksum") == CHECKSUM for p in [*chunks, *texts]) else None,
+        max_sequence_length=(config.max_sequence_length or family.max_sequence_length)
+        if family.is_flow
+        else None,
     )
     manifest.check(output.manifest)
     manifest.save(output.root)

@@ -14,4 +14,6 @@ pytest_plugins = [
     "tests.fixtures.scorer_models",
     "tests.fixtures.eval_folders",
     "tests.fixtures.browser",
+    "tests.fixtures.zoo_encodes",
+    "tests.fixtures.flow_models",
 ]

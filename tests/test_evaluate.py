@@ -105,14 +105,14 @@ def test_caption_gap_is_zero_for_a_unet_that_ignores_its_text(tiny_sd15: Path, l
     """Oracle: with every cross-attention output zeroed, the text cannot reach the prediction, so both captions
     give exactly the same error; the random-init UNet does read its text."""
     models, unet = evaluate_cli.load_for_eval(str(tiny_sd15), None, None)
-    reads = evaluate_cli.caption_gap(unet, models.scheduler, latent_sd15, max_pairs=12, draws=2)
+    reads = evaluate_cli.caption_gap(unet, models.denoising, latent_sd15, max_pairs=12, draws=2)
     assert reads["num_pairs"] == 12 and reads["err_own_caption"] != reads["err_other_caption"]
     with torch.no_grad():
         for name, module in unet.named_modules():
             if name.endswith("attn2.to_out.0"):
                 module.weight.zero_()
                 module.bias.zero_()
-    deaf = evaluate_cli.caption_gap(unet, models.scheduler, latent_sd15, max_pairs=12, draws=2)
+    deaf = evaluate_cli.caption_gap(unet, models.denoising, latent_sd15, max_pairs=12, draws=2)
     assert deaf["err_own_caption"] == deaf["err_other_caption"] and deaf["relative_gap"] == 0.0
 
 
@@ -123,7 +123,7 @@ def test_caption_gap_is_one_pass_over_the_preferred_images(tiny_sd15: Path, late
     models, unet = evaluate_cli.load_for_eval(str(tiny_sd15), None, None)
     seen: list[int] = []
     hook = unet.register_forward_pre_hook(lambda _, args: seen.append(len(args[0])))
-    gap = evaluate_cli.caption_gap(unet, models.scheduler, latent_sd15, batch_size=12, max_pairs=12, draws=2)
+    gap = evaluate_cli.caption_gap(unet, models.denoising, latent_sd15, batch_size=12, max_pairs=12, draws=2)
     hook.remove()
     assert sum(seen) == 2 * 12 * 2 and gap["num_pairs"] == 12
     batch = next(evaluate_cli.iter_eval_batches(latent_sd15, batch_size=12, max_pairs=12))
@@ -132,7 +132,7 @@ def test_caption_gap_is_one_pass_over_the_preferred_images(tiny_sd15: Path, late
     errors = {"own": torch.zeros(12), "other": torch.zeros(12)}
     with torch.no_grad():
         for draw in range(2):
-            noise, t = evaluate_cli.draw_eval_noise(batch, 1000, seed=0, draw=draw)
+            noise, t = evaluate_cli.draw_eval_noise(batch, models.denoising, seed=0, draw=draw)
             noisy = models.scheduler.add_noise(batch["w_latents"], noise, t)
             for name, captions in (("own", batch["prompt_embeds"]), ("other", batch["prompt_embeds"][other])):
                 pred = unet(noisy, t, encoder_hidden_states=captions).sample

@@ -14,8 +14,6 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -25,55 +23,17 @@ from schemas.sample import PairMeta, decode_tensors
 from stages.decode_images import decode_pairs
 from stages.encode_latents import LatentEncoder
 from stages.formats import CANONICAL_SCHEMA
-from tests.fixtures.image_zoo import image_zoo, official_tensor
-from tests.test_encode import encode as encode_cli
+from tests.fixtures.image_zoo import official_tensor
+from tests.fixtures.zoo_encodes import R
 from trainer.data import LatentPairStream
 from trainer.evaluate import evaluate, load_for_eval
 from trainer.train import main as train_main
 
-R = 64
-CAPTIONS = ["a red fox", "stripes and noise", "a tall tower", "gradients"]
-
 
 @pytest.fixture(scope="module")
-def zoo_parquet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, dict]]:
-    """One parquet file: consecutive zoo images paired (so jpg_0 and jpg_1 differ in size and encoding), the
-    preferred image alternating between jpg_0 and jpg_1."""
-    zoo = list(image_zoo().values())
-    rows = [
-        {
-            "ranking_id": 100 + i,
-            "caption": CAPTIONS[i % len(CAPTIONS)],
-            "jpg_0": zoo[i],
-            "jpg_1": zoo[(i + 1) % len(zoo)],
-            "label_0": 1.0 if i % 2 == 0 else 0.0,
-            "image_0_uid": f"img{i}",
-            "image_1_uid": f"img{(i + 1) % len(zoo)}",
-        }
-        for i in range(len(zoo))
-    ]
-    src = tmp_path_factory.mktemp("zoo") / "train"
-    src.mkdir()
-    pq.write_table(pa.Table.from_pylist(rows), src / "zoo-00000.parquet")
-    return src, {row["ranking_id"]: row for row in rows}
-
-
-def run_encode(src: Path, out: Path, model: Path, cluster, *extra: str) -> Path:
-    args = ["--src", str(src), "--out", str(out), "--model", str(model), "--resolution", str(R)]
-    args += ["--shard-size", "8", "--num-encoders", "1", "--ray-address", cluster.address, *extra]
-    r = encode_cli(args, cluster)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="module")
-def encoded(zoo_parquet, tiny_sd15: Path, tiny_sdxl: Path, ray_cluster, tmp_path_factory) -> dict[str, Path]:
-    src, _ = zoo_parquet
-    root = tmp_path_factory.mktemp("zoo-encoded")
-    return {
-        "sd15": run_encode(src, root / "sd15", tiny_sd15, ray_cluster),
-        "sdxl": run_encode(src, root / "sdxl", tiny_sdxl, ray_cluster),
-    }
+def encoded(zoo_encode, tiny_sd15: Path, tiny_sdxl: Path, tiny_sd3: Path, tiny_flux: Path) -> dict[str, Path]:
+    models = {"sd15": tiny_sd15, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}
+    return {family: zoo_encode(model) for family, model in models.items()}
 
 
 def stored_pairs(out: Path) -> list[tuple[PairMeta, dict[str, torch.Tensor]]]:
@@ -131,11 +91,18 @@ def deviations(
     return worst
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
 def test_stored_moments_equal_the_official_recipe_within_fp16_rounding(
     family: str, encoded: dict[str, Path], zoo_parquet, request: pytest.FixtureRequest
 ) -> None:
+    """Also the manifest's factors: what the trainer scales by is what diffusers' own AutoencoderKL config says
+    (the flow families' 16-channel VAEs shift as well as scale)."""
     model = request.getfixturevalue(f"tiny_{family}")
+    config = AutoencoderKL.from_pretrained(model, subfolder="vae").config
+    manifest = Manifest.load(encoded[family])
+    assert manifest.vae_scaling_factor == config.scaling_factor
+    assert manifest.vae_shift_factor == config.shift_factor
+    assert manifest.latent_shape == [config.latent_channels, R // 8, R // 8]
     worst = deviations(stored_pairs(encoded[family]), model, zoo_parquet[1])
     assert max(worst["mean excess"], worst["logvar excess"]) < 2.0**-9, worst  # ≈ 2e-3 of the RMS
     assert max(worst["mean rel"], worst["logvar rel"]) < 1e-3, worst  # fp16 rounding alone: ≤ 4.9e-4

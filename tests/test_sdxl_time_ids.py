@@ -21,16 +21,14 @@ from trainer.model import draw_eval_noise, load_models, pair_errors
 def errors_and_time_ids(model: Path, data: Path, mode: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
     models = load_models(str(model), need_reference=False, sdxl_time_ids=mode)
     batch = next(iter_eval_batches(data, batch_size=4))
-    noise, timesteps = draw_eval_noise(batch, 1000, seed=0)
+    noise, timesteps = draw_eval_noise(batch, models.denoising, seed=0)
     seen: list[torch.Tensor] = []
     hook = models.policy.add_time_proj.register_forward_pre_hook(
         lambda _m, args: seen.append(args[0].clone())
     )
     try:
         with torch.no_grad():
-            e_w, e_l = pair_errors(
-                models.policy, models.scheduler, batch, noise, timesteps, models.sdxl_time_ids
-            )
+            e_w, e_l = pair_errors(models.policy, models.denoising, batch, noise, timesteps)
     finally:
         hook.remove()
     return torch.stack([e_w, e_l]), seen[0].reshape(-1, 6), batch

@@ -162,9 +162,7 @@ def test_sft_step_is_one_pass_over_the_winners(family: str, request: pytest.Fixt
     finally:
         hook.remove()
     assert fed == [cfg.batch_size]
-    noise, timesteps = draw_noise(
-        batch, trainer.models.scheduler.config.num_train_timesteps, seed=cfg.seed, rank=0, micro_step=0
-    )
+    noise, timesteps = draw_noise(batch, trainer.models.denoising, seed=cfg.seed, rank=0, micro_step=0)
     noisy = trainer.models.scheduler.add_noise(batch["w_latents"], noise, timesteps)
     added = None
     if family == "sdxl":

@@ -110,17 +110,17 @@ def test_lora_reference_is_the_base_unet(tiny_sd15: Path, latent_sd15: Path) -> 
     from trainer.data import iter_eval_batches
 
     batch = next(iter_eval_batches(latent_sd15, batch_size=3))
-    noise, t = draw_noise(batch, 1000, seed=0, rank=0, micro_step=0)
     lora = load_models(str(tiny_sd15), lora_rank=4)
+    noise, t = draw_noise(batch, lora.denoising, seed=0, rank=0, micro_step=0)
     with torch.no_grad():
         for name, p in lora.policy.named_parameters():
             if "lora_B" in name:
                 p.normal_()
     base = load_models(str(tiny_sd15), need_reference=False).policy
     ref_w, ref_l = reference_errors(lora, lora.policy, batch, noise, t)
-    base_w, base_l = pair_errors(base, lora.scheduler, batch, noise, t)
+    base_w, base_l = pair_errors(base, lora.denoising, batch, noise, t)
     assert torch.equal(ref_w, base_w) and torch.equal(ref_l, base_l)
-    pol_w, _ = pair_errors(lora.policy, lora.scheduler, batch, noise, t)
+    pol_w, _ = pair_errors(lora.policy, lora.denoising, batch, noise, t)
     assert not torch.equal(pol_w, base_w)  # adapters are active again after the reference pass
 
 

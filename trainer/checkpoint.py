@@ -21,9 +21,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Self
 
+import diffusers
 import torch
 from accelerate import Accelerator
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from schemas.atomic import publish_dir
 from schemas.config import TrainConfig
 from schemas.errors import InputError
+from schemas.families import Family
 from schemas.options import Resume, keys_with
 from schemas.storage import read_json, write_json
 from trainer.model import has_lora
@@ -243,35 +244,40 @@ def in_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
 
 def export_final(
     accelerator: Accelerator,
-    unet: UNet2DConditionModel,
+    denoiser: torch.nn.Module,
     output_dir: str | Path,
-    is_sdxl: bool,
+    family: Family,
     run_info: dict[str, Any] | None = None,
 ) -> Path:
-    """`OUT/final/unet/` (merged UNet, diffusers layout) and, for LoRA, `OUT/final/lora/` loadable by
-    `pipe.load_lora_weights`, plus `OUT/final/run.json` (`run_info`: what `trainer.evaluate` checks the held-out
-    data against). Each folder is written aside and renamed into place."""
+    """`OUT/final/unet/` or `OUT/final/transformer/` (the merged denoiser, diffusers layout) and, for LoRA,
+    `OUT/final/lora/` loadable by the family's `pipe.load_lora_weights`, plus `OUT/final/run.json` (`run_info`: what
+    `trainer.evaluate` checks the held-out data against). Each folder is written aside and renamed into place."""
     final = Path(output_dir) / FINAL
     if accelerator.is_main_process:
         final.mkdir(parents=True, exist_ok=True)
         if run_info is not None:
             write_json(final / EXPORT_RECORD, run_info)
-        if has_lora(unet):
+        if has_lora(denoiser):
             lora_tmp = final / "lora.tmp"
             shutil.rmtree(lora_tmp, ignore_errors=True)
-            pipeline = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
-            pipeline.save_lora_weights(
-                lora_tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            layers = get_peft_model_state_dict(denoiser)
+            # as diffusers' training scripts save them: the UNet pipelines' loaders read diffusers' own key names
+            # (train_dreambooth_lora_sdxl.py converts), SD3's and FLUX's read peft's (their scripts do not)
+            if family.denoiser == "unet":
+                layers = convert_state_dict_to_diffusers(layers)
+            # unet_lora_layers= for the SD pipelines, transformer_lora_layers= for SD3 and FLUX
+            getattr(diffusers, family.pipeline).save_lora_weights(
+                lora_tmp, **{f"{family.denoiser}_lora_layers": layers}
             )
             publish_dir(lora_tmp, final / "lora")
-            unet = copy.deepcopy(unet)
-            unet.fuse_lora()
-            unet.unload_lora()
-        unet_tmp = final / "unet.tmp"
-        shutil.rmtree(unet_tmp, ignore_errors=True)
+            denoiser = copy.deepcopy(denoiser)
+            denoiser.fuse_lora()
+            denoiser.unload_lora()
+        denoiser_tmp = final / f"{family.denoiser}.tmp"
+        shutil.rmtree(denoiser_tmp, ignore_errors=True)
         # safetensors stores contiguous tensors only: a channels-last run ends here, so convert in place
-        unet.to(memory_format=torch.contiguous_format)
-        unet.save_pretrained(unet_tmp, safe_serialization=True)
-        publish_dir(unet_tmp, final / "unet")
+        denoiser.to(memory_format=torch.contiguous_format)
+        denoiser.save_pretrained(denoiser_tmp, safe_serialization=True)
+        publish_dir(denoiser_tmp, final / family.denoiser)
     accelerator.wait_for_everyone()
     return final

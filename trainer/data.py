@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from schemas import storage
+from schemas.families import FAMILIES
 from schemas.manifest import MANIFEST_NAME, Manifest
 from schemas.sample import (
     CHECKSUM,
@@ -259,7 +260,9 @@ class PairCollator:
         self.manifest = manifest
         self.required = latent_tensor_names(manifest.latent_mode, manifest.flip_variants)
         self.text = TextEmbeddingStore(data_dir, manifest)
-        self.is_sdxl = manifest.model_family == "sdxl"
+        family = FAMILIES[manifest.model_family]
+        self.time_ids = family.time_ids
+        self.pooled = "pooled_prompt_embeds" in family.text_tensors
 
     def _latents(
         self, means: list[torch.Tensor], logvars: list[torch.Tensor], eps: torch.Tensor | None
@@ -311,7 +314,7 @@ class PairCollator:
                 out["means"].append(mean)
                 if eps is not None:
                     out["logvars"].append(tensors[tensor_name(side, "logvar", flip)])
-                if self.is_sdxl:
+                if self.time_ids:
                     top, left = image.crop_top_left_flip if flip else image.crop_top_left
                     out[f"{side}_time_ids"].append([*image.original_size, top, left, resolution, resolution])
             try:
@@ -319,7 +322,7 @@ class PairCollator:
             except KeyError as e:
                 raise KeyError(f"{raw.where}: {e.args[0]}") from None
             out["prompt_embeds"].append(text["prompt_embeds"])
-            if self.is_sdxl:
+            if self.pooled:
                 out["pooled_prompt_embeds"].append(text["pooled_prompt_embeds"])
             out["label"].append(0.5 if meta.label_0 == 0.5 else 1.0)
             out["keys"].append(raw.key)
@@ -331,8 +334,9 @@ class PairCollator:
             "label": torch.tensor(out["label"], dtype=torch.float32),
             "keys": out["keys"],
         }
-        if self.is_sdxl:
+        if self.pooled:
             result["pooled_prompt_embeds"] = torch.stack(out["pooled_prompt_embeds"]).float()
+        if self.time_ids:
             for side in ("w", "l"):
                 result[f"{side}_time_ids"] = torch.tensor(out[f"{side}_time_ids"], dtype=torch.float32)
         return result

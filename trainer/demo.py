@@ -48,7 +48,7 @@ def reference_caption_gap(cfg: TrainConfig) -> dict[str, float]:
     models, reference = load_for_eval(cfg.model, None, None)
     return caption_gap(
         reference,
-        models.scheduler,
+        models.denoising,
         cfg.val_data,
         batch_size=cfg.batch_size,
         max_pairs=cfg.eval_max_pairs,

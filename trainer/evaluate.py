@@ -23,16 +23,18 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from schemas.config import SDXL_TIME_IDS
+from schemas.loss_table import default_beta
 from schemas.manifest import Manifest
 from schemas.storage import read_json
 from trainer.checkpoint import EXPORT_RECORD, load_trainable_weights
 from trainer.data import iter_eval_batches
+from trainer.denoisers import Denoising
 from trainer.losses import dpo_logits, dpo_loss, implicit_accuracy, reward_margin
 from trainer.model import (
     Models,
+    denoiser_class,
     draw_eval_noise,
     load_models,
     pair_errors,
@@ -55,7 +57,7 @@ METRICS = (
 @torch.no_grad()
 def evaluate(
     models: Models,
-    policy: UNet2DConditionModel,
+    policy: torch.nn.Module,
     data_dir: str | Path,
     *,
     batch_size: int = 16,
@@ -83,17 +85,13 @@ def evaluate(
             batch = to_device(batch, torch.device(device))
             errors = torch.zeros(4, len(batch["keys"]), device=device)
             for draw in range(draws):
-                noise, timesteps = draw_eval_noise(
-                    batch, models.scheduler.config.num_train_timesteps, seed=seed, draw=draw
-                )
+                noise, timesteps = draw_eval_noise(batch, models.denoising, seed=seed, draw=draw)
                 with autocast():
                     ref = reference_errors(models, policy, batch, noise, timesteps)
                     pol = (
                         ref
                         if policy_is_reference
-                        else pair_errors(
-                            policy, models.scheduler, batch, noise, timesteps, models.sdxl_time_ids
-                        )
+                        else pair_errors(policy, models.denoising, batch, noise, timesteps)
                     )
                 errors += torch.stack([*pol, *ref]).float() / draws
             finite = torch.isfinite(errors).all(dim=0)
@@ -142,8 +140,8 @@ def _other_captions(prompt_embeds: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def caption_gap(
-    unet: UNet2DConditionModel,
-    scheduler: DDPMScheduler,
+    unet: torch.nn.Module,
+    denoising: Denoising,
     data_dir: str | Path,
     *,
     batch_size: int = 16,
@@ -178,11 +176,9 @@ def caption_gap(
                         [batch[name], batch[name][other.clamp(min=0).to(batch[name].device)]]
                     )
             for draw in range(draws):
-                noise, timesteps = draw_eval_noise(
-                    batch, scheduler.config.num_train_timesteps, seed=seed, draw=draw
-                )
+                noise, timesteps = draw_eval_noise(batch, denoising, seed=seed, draw=draw)
                 errors = pair_forward(
-                    unet, scheduler, twice, noise.repeat(2, 1, 1, 1), timesteps.repeat(2), winners_only=True
+                    unet, denoising, twice, noise.repeat(2, 1, 1, 1), timesteps.repeat(2), winners_only=True
                 ).err_w
                 e_own, e_wrong = errors.chunk(2)
                 own += float(e_own[keep].double().sum()) / draws
@@ -211,7 +207,7 @@ def strict_json(result: dict[str, float]) -> str:
 
 def load_for_eval(
     model: str, unet_dir: str | None, lora_dir: str | None, sdxl_time_ids: str = "constant"
-) -> tuple[Models, UNet2DConditionModel]:
+) -> tuple[Models, torch.nn.Module]:
     """Reference = the base UNet of `model`; policy = `--unet` (a UNet folder or a training checkpoint), or the
     base with `--lora` adapters, or the base."""
     if unet_dir and lora_dir:
@@ -227,17 +223,15 @@ def load_for_eval(
         weights = Path(lora_dir) / "pytorch_lora_weights.safetensors"
         if not weights.is_file():
             raise SystemExit(f"error: --lora {lora_dir}: no pytorch_lora_weights.safetensors there")
-        base.policy.load_lora_adapter(str(lora_dir), prefix="unet", weight_name=weights.name)
+        base.policy.load_lora_adapter(str(lora_dir), prefix=base.family.denoiser, weight_name=weights.name)
         return base, base.policy
     if unet_dir:
-        policy = UNet2DConditionModel.from_pretrained(unet_dir)
-        return Models(policy, base.policy, base.scheduler, sdxl_time_ids), policy
+        policy = denoiser_class(base.family).from_pretrained(unet_dir)
+        return Models(policy, base.policy, base.denoising), policy
     return base, base.policy
 
 
-def _load_checkpoint_policy(
-    model: str, path: Path, sdxl_time_ids: str
-) -> tuple[Models, UNet2DConditionModel]:
+def _load_checkpoint_policy(model: str, path: Path, sdxl_time_ids: str) -> tuple[Models, torch.nn.Module]:
     """A checkpoint holds only the trainable weights: rebuild the policy the run trained (LoRA rank and alpha from
     its state.json) on the base `model`, then load them."""
     config = read_json(path / "state.json").get("config", {})
@@ -252,9 +246,7 @@ def _load_checkpoint_policy(
     # full fine-tune: the checkpoint replaces every weight; the reference stays the base
     if lora_rank == 0:
         reference = load_models(model, need_reference=False).policy
-        models = Models(
-            models.policy, reference.requires_grad_(False).eval(), models.scheduler, sdxl_time_ids
-        )
+        models = Models(models.policy, reference.requires_grad_(False).eval(), models.denoising)
     load_trainable_weights(path, models.policy)
     return models, models.policy
 
@@ -271,7 +263,7 @@ def trained_resolution(unet_dir: str | None) -> int | None:
     return None
 
 
-def check_eval_resolution(data_dir: str | Path, trained: int | None, unet: UNet2DConditionModel) -> None:
+def check_eval_resolution(data_dir: str | Path, trained: int | None, unet: torch.nn.Module) -> None:
     """Exit 2 when the held-out data were encoded at another resolution than the training data: the numbers would
     measure the resolution change, not the training. With no record of the training data, compare with the
     UNet's native size and warn."""
@@ -281,8 +273,9 @@ def check_eval_resolution(data_dir: str | Path, trained: int | None, unet: UNet2
             f"error: --data {data_dir} was encoded at resolution {resolution}, the policy was trained at "
             f"{trained}; encode the evaluation data at {trained}"
         )
-    # the VAE's 8x downsampling, as every SD1.5/SDXL VAE has
-    native = unet.config.sample_size * 8
+    # the VAE's 8x downsampling, as every SD VAE has (a transformer's sample_size counts latent pixels too)
+    sample_size = getattr(unet.config, "sample_size", None)
+    native = sample_size * 8 if sample_size else resolution
     if trained is None and resolution != native:
         print(
             f"warning: --data {data_dir} was encoded at resolution {resolution}, the UNet's native size is "
@@ -297,7 +290,10 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="base model folder: the reference (unet/, scheduler/)")
     parser.add_argument(
         "--unet",
-        help="a trained UNet folder (RUN/final/unet) or a training checkpoint (RUN/checkpoints/step_N)",
+        "--transformer",
+        dest="unet",
+        help="a trained denoiser folder (RUN/final/unet, RUN/final/transformer) or a training checkpoint "
+        "(RUN/checkpoints/step_N)",
     )
     parser.add_argument("--lora", help="a LoRA folder saved by the trainer (e.g. RUN/final/lora)")
     parser.add_argument("--max-pairs", type=int, default=None, help="score the first N pairs (default: all)")
@@ -306,7 +302,10 @@ def arguments() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass (default: 16)")
     parser.add_argument(
-        "--beta", type=float, default=5000.0, help="DPO β of the reported dpo_loss (default: 5000)"
+        "--beta",
+        type=float,
+        default=None,
+        help="DPO β of the reported dpo_loss (default: the family's published dpo β, 5000 SD / 100 SD3, FLUX)",
     )
     parser.add_argument(
         "--draws", type=int, default=4, help="(noise, timestep) draws averaged per pair (default: 4)"
@@ -336,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         max_pairs=args.max_pairs,
         seed=args.seed,
-        beta=args.beta,
+        beta=args.beta if args.beta is not None else default_beta("dpo", models.family.name),
         draws=args.draws,
         device=device,
     )

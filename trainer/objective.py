@@ -152,6 +152,6 @@ def mismatched_errors(
     """(policy, reference) errors of every image ([2B]) under a mismatched caption: KTO's KL estimate, as the KTO
     paper and TRL's KTOTrainer compute it (no gradient through it)."""
     shifted = mismatch_captions(batch)
-    pol = pair_forward(policy, models.scheduler, shifted, noise, timesteps, models.sdxl_time_ids)
+    pol = pair_forward(policy, models.denoising, shifted, noise, timesteps)
     ref = reference_forward(models, policy, shifted, noise, timesteps)
     return torch.cat(pol.errors), torch.cat(ref.errors)

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,10 @@ from typing import Any
 from schemas.config import TrainConfig
 from schemas.dir_lock import DirLock
 from schemas.errors import InputError
+from schemas.families import FAMILIES, Family
 from schemas.loss_table import default_beta, family_setting
 from schemas.manifest import Manifest
-from schemas.options import Resume, rules
+from schemas.options import Resume, flag_of, rules
 from schemas.storage import read_json, write_json
 from trainer.checkpoint import CHECKPOINTS, FINAL, check_topology, data_topology, list_checkpoints
 from trainer.model import check_data_fits_model
@@ -196,12 +197,29 @@ class Start:
     changes: list[str]
 
 
+# what applies to one kind of family only, so that setting it for another is an error rather than ignored
+FLOW_FLAGS = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "guidance")
+
+
+def check_family_flags(cfg: TrainConfig, family: Family) -> None:
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    changed = [name for name in FLOW_FLAGS if getattr(cfg, name) != defaults[name]]
+    if not family.is_flow and changed:
+        raise InputError(
+            f"only the flow-matching families (SD3, FLUX) take {', '.join(flag_of(n) for n in changed)}; "
+            f"--model {cfg.model} is {family.name}"
+        )
+    if "guidance" in changed and not family.packed:
+        raise InputError(f"--guidance applies to FLUX models; --model {cfg.model} is {family.name}")
+
+
 def preflight(cfg: TrainConfig, world_size: int) -> Start:
     """Every check that needs no model: data and held-out data against the model and each other, the loss against
     the model family, the output directory, and what a resume may change. Raises InputError naming the flag or
     file."""
     manifest = check_data_fits_model(cfg.data, "--data", cfg.model)
     family_setting(cfg.loss, manifest.model_family)
+    check_family_flags(cfg, FAMILIES[manifest.model_family])
     if cfg.val_data:
         val = check_data_fits_model(cfg.val_data, "--val-data", cfg.model)
         if val.resolution != manifest.resolution or val.latent_shape != manifest.latent_shape:

@@ -90,7 +90,7 @@ def with_noise(batch: dict, trainer: Trainer, micro_step: int) -> dict:
     device = trainer.accelerator.device
     noise, timesteps = draw_noise(
         batch,
-        trainer.models.scheduler.config.num_train_timesteps,
+        trainer.models.denoising,
         seed=trainer.cfg.seed,
         rank=trainer.accelerator.process_index,
         micro_step=micro_step,
@@ -118,11 +118,10 @@ def micro_batch_loss(trainer: Trainer, batch: dict) -> tuple[torch.Tensor, dict[
         )
         pol = pair_forward(
             trainer.prepared_policy,
-            models.scheduler,
+            models.denoising,
             batch,
             noise,
             timesteps,
-            models.sdxl_time_ids,
             winners_only=not objective.needs_losers,
         )
     return objective(

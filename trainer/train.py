@@ -24,7 +24,6 @@ from dataclasses import asdict
 
 import torch
 from accelerate import Accelerator, PartialState
-from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from schemas.config import TrainConfig, parse_config
@@ -36,7 +35,7 @@ from trainer.checkpoint import FINAL, TrainState, export_final, load_checkpoint,
 from trainer.data import LatentPairStream, make_loader
 from trainer.evaluate import evaluate, strict_json
 from trainer.metrics import MetricWindow, RunClock
-from trainer.model import Models, load_models, to_device
+from trainer.model import Models, denoiser_class, load_models, to_device
 from trainer.objective import Objective
 from trainer.optim import build_lr_scheduler, build_optimizer, effective_lr
 from trainer.preemption import EXIT_PREEMPTED, StopRequest
@@ -123,6 +122,18 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     )
 
 
+def denoising_settings(cfg: TrainConfig) -> dict[str, object]:
+    """The config's settings of trainer.denoisers.Denoising (each family reads its own)."""
+    return {
+        "sdxl_time_ids": cfg.sdxl_time_ids,
+        "timestep_sampling": cfg.timestep_sampling,
+        "logit_mean": cfg.logit_mean,
+        "logit_std": cfg.logit_std,
+        "mode_scale": cfg.mode_scale,
+        "guidance": cfg.guidance,
+    }
+
+
 def build_trainer(cfg: TrainConfig, accelerator: Accelerator, stop: StopRequest | None = None) -> Trainer:
     """Models, optimizer and schedule; LoRA's init draws from the global RNG, so it is seeded the same everywhere."""
     torch.manual_seed(cfg.seed)
@@ -133,7 +144,7 @@ def build_trainer(cfg: TrainConfig, accelerator: Accelerator, stop: StopRequest 
         need_reference=LOSSES[cfg.loss].reference,
         gradient_checkpointing=cfg.gradient_checkpointing,
         reference_dtype=TORCH_DTYPES[cfg.mixed_precision],
-        sdxl_time_ids=cfg.sdxl_time_ids,
+        **denoising_settings(cfg),
     )
     # frozen, so never prepared (no DDP, no optimizer)
     if models.reference is not None:
@@ -244,8 +255,8 @@ def eval_models(models: Models, model: str) -> Models:
     if models.reference is not None or models.is_lora:
         return models
     device = next(models.policy.parameters()).device
-    base = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(device)
-    return Models(models.policy, base.requires_grad_(False).eval(), models.scheduler)
+    base = denoiser_class(models.family).from_pretrained(model, subfolder=models.family.denoiser).to(device)
+    return Models(models.policy, base.requires_grad_(False).eval(), models.denoising)
 
 
 def too_many_skipped(cfg: TrainConfig, state: TrainState, *, finished: bool) -> bool:
@@ -381,7 +392,7 @@ def train_and_export(cfg: TrainConfig, accelerator: Accelerator, start: Start, s
 
     if exit_code != EXIT_PREEMPTED and state.global_step >= cfg.max_steps:
         run_info = {"run_id": start.run_id, "global_step": state.global_step, "data": start.data}
-        export_final(accelerator, trainer.models.policy, cfg.output_dir, trainer.family == "sdxl", run_info)
+        export_final(accelerator, trainer.models.policy, cfg.output_dir, trainer.models.family, run_info)
     # stops the loader's workers now, not at interpreter exit
     del batches
     # Release DDP, then the process group, while every rank is still alive: a gloo group left to the interpreter's
