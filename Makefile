@@ -19,6 +19,9 @@ OUTPUT_DIR ?= runs/train
 TRAIN_ARGS ?=
 NPROC ?= 1
 
+# make demo FAMILY=flux (or sd3): the demo on a flow-matching family's tiny model; make models MODEL_FAMILIES=...
+FAMILY ?= sd15
+MODEL_FAMILIES ?= sd15 sdxl
 DEMO_ROWS ?= 3000
 DEMO_VAL_ROWS ?= 400
 PRETRAIN_ROWS ?= 3000
@@ -55,29 +58,34 @@ data/pretrain/.done: $(STAMP) embedded/synthetic.py
 	$(PY) -m embedded.synthetic --out data/pretrain --seed 1000 --rows $(PRETRAIN_ROWS) --val-rows 0 --rows-per-file 500
 	touch $@
 
-# Tiny random-init SD1.5/SDXL folders in diffusers layout (models/.init/), whose UNets are then pretrained on
-# captioned images (configs/pretrain.toml) so that the DPO reference already denoises the data and reads its
-# caption, as a real base model does. models/tiny-X = the init folder with the pretrained UNet, published by rename;
-# reruns start again from the same random init, so the result depends only on the seeds and configs.
-models: models/tiny-sd15/.pretrained models/tiny-sdxl/.pretrained
-models/.init/%/.built: $(STAMP) embedded/tiny_models.py
-	$(PY) -m embedded.tiny_models --out models/.init --family $(subst tiny-,,$*)
+# Tiny random-init SD1.5/SDXL (embedded/tiny_models.py) and SD3/FLUX (embedded/tiny_flow.py) folders in diffusers
+# layout (models/.init/), whose denoisers are then pretrained on captioned images (configs/pretrain.toml) so that the
+# DPO reference already denoises the data and reads its caption, as a real base model does. models/tiny-X = the
+# init folder with the pretrained denoiser, published by rename; reruns start again from the same random init, so
+# the result depends only on the seeds and configs. The flow families' captions get 32 T5 tokens (they are short).
+FLOW_MODELS := tiny-sd3 tiny-flux
+is_flow = $(filter $(FLOW_MODELS),$(1))
+denoiser = $(if $(call is_flow,$(1)),transformer,unet)
+encode_extra = --resolution 64 $(if $(call is_flow,$(1)),--max-sequence-length 32)
+models: $(foreach f,$(MODEL_FAMILIES),models/tiny-$(f)/.pretrained)
+models/.init/%/.built: $(STAMP) embedded/tiny_models.py embedded/tiny_flow.py
+	$(PY) -m embedded.$(if $(call is_flow,$*),tiny_flow,tiny_models) --out models/.init --family $(subst tiny-,,$*)
 	touch $@
 data/encoded/%/train/manifest.json: models/.init/%/.built data/synthetic/.done
 	$(PY) -m stages.encode --src data/synthetic/train --out data/encoded/$*/train --model models/.init/$* \
-	  --resolution 64
+	  $(call encode_extra,$*)
 data/encoded/%/pretrain/manifest.json: models/.init/%/.built data/pretrain/.done
 	$(PY) -m stages.encode --src data/pretrain/train --out data/encoded/$*/pretrain --model models/.init/$* \
-	  --resolution 64
+	  $(call encode_extra,$*)
 data/encoded/%/validation/manifest.json: models/.init/%/.built data/synthetic/.done
 	$(PY) -m stages.encode --src data/synthetic/validation --out data/encoded/$*/validation --model models/.init/$* \
-	  --resolution 64
+	  $(call encode_extra,$*)
 models/%/.pretrained: data/encoded/%/pretrain/manifest.json configs/pretrain.toml
 	rm -rf runs/pretrain-$*
 	$(PY) -m trainer.train --config configs/pretrain.toml --data data/encoded/$*/pretrain --model models/.init/$* \
 	  --output-dir runs/pretrain-$*
-	rm -rf models/$*.tmp && cp -r models/.init/$* models/$*.tmp && rm -rf models/$*.tmp/unet
-	cp -r runs/pretrain-$*/final/unet models/$*.tmp/unet && touch models/$*.tmp/.pretrained
+	rm -rf models/$*.tmp && cp -r models/.init/$* models/$*.tmp && rm -rf models/$*.tmp/$(call denoiser,$*)
+	cp -r runs/pretrain-$*/final/$(call denoiser,$*) models/$*.tmp/ && touch models/$*.tmp/.pretrained
 	rm -rf models/$* && mv models/$*.tmp models/$*
 
 encode: $(STAMP)
@@ -88,11 +96,12 @@ train: $(STAMP)
 	  --data $(DATA) --model $(MODEL) --output-dir $(OUTPUT_DIR) $(if $(VAL_DATA),--val-data $(VAL_DATA)) $(TRAIN_ARGS)
 
 # Synthetic data → encode (train + validation) → DPO with configs/demo.toml → held-out accuracy, before and after.
-demo: models/tiny-sd15/.pretrained data/encoded/tiny-sd15/train/manifest.json \
-  data/encoded/tiny-sd15/validation/manifest.json
-	$(PY) -m trainer.demo --config configs/demo.toml --data data/encoded/tiny-sd15/train \
-	  --val-data data/encoded/tiny-sd15/validation --defects data/synthetic/validation/loser_defects.json \
-	  --model models/tiny-sd15 --output-dir runs/demo --overwrite-output-dir
+demo: models/tiny-$(FAMILY)/.pretrained data/encoded/tiny-$(FAMILY)/train/manifest.json \
+  data/encoded/tiny-$(FAMILY)/validation/manifest.json
+	$(PY) -m trainer.demo --config configs/demo.toml --data data/encoded/tiny-$(FAMILY)/train \
+	  --val-data data/encoded/tiny-$(FAMILY)/validation --defects data/synthetic/validation/loser_defects.json \
+	  --model models/tiny-$(FAMILY) --output-dir runs/demo$(if $(filter-out sd15,$(FAMILY)),-$(FAMILY)) \
+	  --overwrite-output-dir
 
 # The README's robustness table: the demo config on 5 preference-set seeds that did not tune its learning rate x 2
 # training-set sizes, against the one pretrained reference (resumable: finished runs are kept in

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from schemas.config import TrainConfig
 from trainer.checkpoint import TrainState
+from trainer.model import Models
 from trainer.speed import attention_backend
 from trainer.step import Trainer, micro_batch_loss, train_step, with_noise
 from trainer.train import build_trainer, make_accelerator, training_batches
@@ -42,15 +43,18 @@ def release_device_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def measure_step(cfg: TrainConfig, *, steps: int, warmup: int, count_flops: bool = False) -> StepMeasure:
+def measure_step(
+    cfg: TrainConfig, *, steps: int, warmup: int, count_flops: bool = False, models: Models | None = None
+) -> StepMeasure:
     """Steady pairs/s of `steps` optimizer steps after `warmup` (at least 2: the first compiles, the second may
     still meet a new graph); with `count_flops`, the first warm-up step runs under FlopCounterMode, which counts
-    every matmul, convolution and attention of the step: policy forward and backward, reference forward."""
+    every matmul, convolution and attention of the step: policy forward and backward, reference forward.
+    `models`: built in memory (the flow architectures) instead of loaded from cfg.model."""
     accelerator = make_accelerator(cfg)
     release_device_memory()
     flops = None
     with attention_backend(cfg.attention_backend):
-        trainer = build_trainer(cfg, accelerator)
+        trainer = build_trainer(cfg, accelerator, models=models)
         batches = training_batches(cfg, accelerator, 0)
         state = TrainState()
         start = time.perf_counter()

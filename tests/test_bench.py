@@ -35,11 +35,30 @@ def test_tiny_run_writes_every_table(tmp_path: Path) -> None:
     """The whole harness on the tiny SDXL model (compilation left out: the trainer's tests cover --compile):
     every step variant, the best combination, the on-the-fly row and every VAE setting land without a failure."""
     out = tmp_path / "gpu.md"
-    argv = ["--tiny", "--no-compile", "--family", "sdxl", "--out", str(out), "--work", str(tmp_path / "work")]
+    argv = [
+        "--tiny",
+        "--no-compile",
+        "--family",
+        "sdxl",
+        "flow",
+        "--out",
+        str(out),
+        "--work",
+        str(tmp_path / "work"),
+    ]
     assert gpu.main(argv) == 0
     text = out.read_text()
-    for heading in ("DPO train step", "on-the-fly recipe", "VAE encode", "TFLOP per pair counted"):
+    for heading in (
+        "DPO train step",
+        "on-the-fly recipe",
+        "VAE encode",
+        "TFLOP per pair counted",
+        "Flow-DPO step",
+    ):
         assert heading in text
+    # every flow architecture × LoRA / full fine-tune ran through the trainer's step
+    flow = [line for line in text.splitlines() if line.startswith(("| sd3.5-medium |", "| flux.1-dev |"))]
+    assert len(flow) == 4 and not any("failed" in line for line in flow), flow
     rows = [line for line in text.splitlines() if line.startswith("| sdxl |")]
     cells = [[c.strip() for c in row.split("|")[1:-1]] for row in rows]
     steps = [c for c in cells if len(c) == 9 and c[2].isdigit()]

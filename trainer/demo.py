@@ -18,7 +18,8 @@ from pathlib import Path
 
 from schemas.config import TrainConfig, parse_config
 from schemas.errors import InputError
-from schemas.sample import pair_key
+from schemas.families import FAMILIES
+from schemas.sample import model_family, pair_key
 from schemas.storage import read_json
 from trainer import train
 from trainer.evaluate import caption_gap, evaluate, load_for_eval
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         return train.EXIT_INPUT
     if code:
         return code
-    after = held_out_accuracy(cfg, str(Path(cfg.output_dir) / "final" / "unet"), groups)
+    denoiser = FAMILIES[model_family(cfg.model)].denoiser
+    after = held_out_accuracy(cfg, str(Path(cfg.output_dir) / "final" / denoiser), groups)
     ok = after["implicit_accuracy"] >= args.min_accuracy
     if groups is not None:
         by, count = after["accuracy_by_group"], after["pairs_by_group"]

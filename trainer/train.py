@@ -134,10 +134,14 @@ def denoising_settings(cfg: TrainConfig) -> dict[str, object]:
     }
 
 
-def build_trainer(cfg: TrainConfig, accelerator: Accelerator, stop: StopRequest | None = None) -> Trainer:
-    """Models, optimizer and schedule; LoRA's init draws from the global RNG, so it is seeded the same everywhere."""
+def build_trainer(
+    cfg: TrainConfig, accelerator: Accelerator, stop: StopRequest | None = None, models: Models | None = None
+) -> Trainer:
+    """Models, optimizer and schedule; LoRA's init draws from the global RNG, so it is seeded the same everywhere.
+    `models`: built already instead of loaded from cfg.model (bench/gpu_flow.py: architectures at random init that
+    are never written to disk)."""
     torch.manual_seed(cfg.seed)
-    models = load_models(
+    models = models or load_models(
         cfg.model,
         lora_rank=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
