@@ -152,7 +152,15 @@ def settings_of(args: argparse.Namespace, num_prompts: int) -> dict[str, Any]:
     from trainer.evaluate import check_policy_dirs
 
     check_policy_dirs(args.unet, args.lora)
-    family = family_of(args.model).name
+    try:
+        family = family_of(args.model).name
+    except InputError:
+        raise
+    except Exception as e:  # the hub client raises HTTP, connection and cache errors alike
+        raise InputError(
+            f"--model {args.model}: no such local folder, and the hub id's model_index.json cannot be read "
+            f"({type(e).__name__}: {e}); with HF_HUB_OFFLINE=1, download it once with network access"
+        ) from e
     if family not in SAMPLED_FAMILIES:
         raise InputError(
             f"--model {args.model}: a {family} pipeline; evaluation.sample samples {SAMPLED_FAMILIES}"
