@@ -6,6 +6,7 @@ exports, kill -9 and a rerun make only what is missing, a finished run is a no-o
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -59,8 +60,6 @@ def pngs(out: Path, name: str) -> dict[str, bytes]:
 
 
 def pixels(data: bytes) -> np.ndarray:
-    import io
-
     return np.asarray(Image.open(io.BytesIO(data))).astype(int)
 
 
@@ -313,3 +312,30 @@ def test_other_image_settings_under_one_name_are_refused(
     )
     assert "steps: 2 there, 3 now" in capsys.readouterr().err
     assert sorted(p.name for p in sampled.rglob("*")) == before
+
+
+def test_a_second_sampler_of_one_name_is_refused(tiny_sd15: Path, prompt_file: Path, tmp_path: Path, capsys):
+    """While another process holds OUT/<name> (the record lock a run takes), a run of that name exits 2 naming the
+    holder, and writes nothing."""
+    hold = (
+        "import sys, time; from schemas.dir_lock import DirLock; DirLock(sys.argv[1], '.sample.lock', str); "
+    )
+    hold += "print('held', flush=True); time.sleep(120)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path / "m")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert sample.main(sample_args(tiny_sd15, "m", prompt_file, tmp_path)) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert f"m is being sampled (pid {holder.pid} on" in err, err
+    # the holder's lock file only (a killed holder leaves it; the next run takes it over)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["m", "m/.sample.lock"]
