@@ -160,9 +160,12 @@ def disk_errors(path: Path, needed_bytes: int) -> Iterator[None]:
         if code is None:
             raise
         text = os.strerror(code)
-        if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        if code in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(path.parent).free
             text += f" (needed about {needed_bytes / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free there)"
+        elif code == errno.EFBIG:
+            # a file-size limit (ulimit -f), not the disk
+            text += f" (needed files of about {needed_bytes / 2**20:.1f} MiB in all; check ulimit -f)"
         raise OSError(code, text, str(path)) from e
 
 

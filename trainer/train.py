@@ -382,27 +382,30 @@ def train_and_export(cfg: TrainConfig, accelerator: Accelerator, start: Start, s
     clock = RunClock(pairs_per_step)
     eval_result: dict[str, float] = {}
     exit_code = 0
-    while state.global_step < cfg.max_steps:
-        result = train_step(trainer, state, batches)
-        window.add_step(result, pairs=pairs_per_step)
-        clock.step()
-        progress.update(1)
-        if result.skipped:
-            report_skip(trainer, state, progress)
-        if should_log(cfg, state.global_step):
-            log_window(trainer, window, state, progress)
-        preempted = result.stop and state.global_step < cfg.max_steps
-        if should_checkpoint(cfg, state.global_step) or preempted:
-            checkpoint(trainer, state, start)
-        if preempted:
-            exit_code = EXIT_PREEMPTED
-            break
-        if too_many_skipped(cfg, state, finished=False):
-            exit_code = EXIT_DIVERGED
-            break
-        if should_evaluate(cfg, state.global_step):
-            eval_result = evaluate_and_log(trainer, state.global_step)
-    progress.close()
+    # closed also when a step or a checkpoint raises, so that an error line starts on a line of its own
+    try:
+        while state.global_step < cfg.max_steps:
+            result = train_step(trainer, state, batches)
+            window.add_step(result, pairs=pairs_per_step)
+            clock.step()
+            progress.update(1)
+            if result.skipped:
+                report_skip(trainer, state, progress)
+            if should_log(cfg, state.global_step):
+                log_window(trainer, window, state, progress)
+            preempted = result.stop and state.global_step < cfg.max_steps
+            if should_checkpoint(cfg, state.global_step) or preempted:
+                checkpoint(trainer, state, start)
+            if preempted:
+                exit_code = EXIT_PREEMPTED
+                break
+            if too_many_skipped(cfg, state, finished=False):
+                exit_code = EXIT_DIVERGED
+                break
+            if should_evaluate(cfg, state.global_step):
+                eval_result = evaluate_and_log(trainer, state.global_step)
+    finally:
+        progress.close()
     timing = clock.summary()
     if exit_code == 0 and too_many_skipped(cfg, state, finished=True):
         exit_code = EXIT_DIVERGED
