@@ -151,7 +151,6 @@ def settings_of(args: argparse.Namespace, num_prompts: int) -> dict[str, Any]:
     """Every setting of the run, the preset's where no flag overrides it; `dtype` None until the cluster is known."""
     from trainer.evaluate import check_policy_dirs
 
-    check_policy_dirs(args.unet, args.lora)
     try:
         family = family_of(args.model).name
     except InputError:
@@ -165,6 +164,7 @@ def settings_of(args: argparse.Namespace, num_prompts: int) -> dict[str, Any]:
         raise InputError(
             f"--model {args.model}: a {family} pipeline; evaluation.sample samples {SAMPLED_FAMILIES}"
         )
+    check_policy_dirs(args.unet, args.lora, family)
     preset = PRESETS[args.preset]
     scheduler = args.scheduler or preset.scheduler
     scheduler_class(scheduler)

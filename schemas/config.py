@@ -1,4 +1,4 @@
-"""The two configuration objects, and one way to fill them from a file plus command-line flags.
+"""The two configuration objects; schemas/config_cli.py fills them from a file plus command-line flags.
 
 Every field is also a flag (`snake_case` → `--kebab-case`) whose `--help` line is the field's `help`; `--config FILE`
 (JSON or TOML) supplies values and the command line wins. Booleans take `--flag` / `--no-flag`. Every check of the
@@ -13,16 +13,12 @@ EncodeConfig whether it changes the output (`Rerun`), for TrainConfig what a res
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import tomllib
-import types
-import typing
-from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+# the stages, bench/ and tests import the CLI helpers from here too
+from schemas.config_cli import build_parser, load_config_file, parse_config  # noqa: F401
 from schemas.loss_table import LOSSES, SDPO_LOSSES
 from schemas.options import (
     Rerun,
@@ -30,14 +26,11 @@ from schemas.options import (
     check,
     check_rules,
     field_problems,
-    flag_of,
     keys_with,
     loss_option,
     option,
 )
 from schemas.sample import LATENT_MODES
-
-T = TypeVar("T")
 
 # The values the choice flags take; the stages and the trainer use these same tuples.
 PREPROCESS_MODES = ("official", "fast")
@@ -410,87 +403,6 @@ class TrainConfig:
 
 check_rules(EncodeConfig)
 check_rules(TrainConfig)
-
-
-def _base_type(tp: Any) -> Any:
-    """`int | None` → int, so argparse knows how to parse the value."""
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
-
-
-def _typed(parser: argparse.ArgumentParser, path: str, key: str, value: Any, hint: Any) -> Any:
-    """A file value must already have its field's type (TOML `max_steps = "20"` is a string, not a count): an error
-    naming the key instead of a comparison failing deep inside the run. An int where a float is due becomes the
-    float the flag would have given."""
-    tp = _base_type(hint)
-    if value is None and tp is not hint:
-        return None
-    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not ok:
-        parser.error(f"config {path}: {key} = {value!r} is a {type(value).__name__}, expected {tp.__name__}")
-    return value
-
-
-def build_parser(
-    cls: type, description: str, parents: list[argparse.ArgumentParser] = ()
-) -> argparse.ArgumentParser:
-    """One flag per field with its help line and default; the required ones in their own group, so `--help`
-    marks them (they may also come from --config, so argparse itself does not enforce them)."""
-    parser = argparse.ArgumentParser(description=description, parents=list(parents))
-    required = parser.add_argument_group("required (on the command line or in --config)")
-    parser.add_argument(
-        "--config", help="JSON or TOML file with any of the flags below; the command line wins"
-    )
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        meta = f.metadata
-        tp = _base_type(hints[f.name])
-        group = required if meta["required"] else parser
-        shown = meta["help"] if meta["required"] else f"{meta['help']} (default: {f.default})"
-        if tp is bool:
-            group.add_argument(
-                flag_of(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=shown
-            )
-        else:
-            metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else None
-            group.add_argument(
-                flag_of(f.name), dest=f.name, type=tp, default=None, help=shown, metavar=metavar
-            )
-    return parser
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        text = path.read_text()
-        return tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: config {path}: {e}") from e
-
-
-def parse_config(
-    cls: type[T], argv: list[str] | None, description: str, parents: list[argparse.ArgumentParser] = ()
-) -> T:
-    """Defaults < config file < command line. An unknown key or a value of the wrong type in the file is a usage
-    error naming the key (exit 2, as argparse does for a bad flag); the values themselves are checked by `cls`
-    (InputError naming the flag)."""
-    parser = build_parser(cls, description, parents)
-    args = parser.parse_args(argv)
-    values: dict[str, Any] = {}
-    if args.config:
-        file_values = {k.replace("-", "_"): v for k, v in load_config_file(args.config).items()}
-        unknown = sorted(set(file_values) - {f.name for f in fields(cls)})
-        if unknown:
-            parser.error(f"config {args.config}: unknown keys {unknown}")
-        hints = typing.get_type_hints(cls)
-        values.update({k: _typed(parser, args.config, k, v, hints[k]) for k, v in file_values.items()})
-    own = {f.name for f in fields(cls)}
-    values.update({k: v for k, v in vars(args).items() if k in own and v is not None})
-    return cls(**values)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

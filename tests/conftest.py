@@ -16,4 +16,5 @@ pytest_plugins = [
     "tests.fixtures.browser",
     "tests.fixtures.zoo_encodes",
     "tests.fixtures.flow_models",
+    "tests.fixtures.cli_runs",
 ]

@@ -17,6 +17,7 @@ from diffusers import UNet2DConditionModel
 
 from embedded.latent_dataset import write_latent_dataset
 from schemas.config import TrainConfig
+from schemas.errors import InputError
 from tests.fixtures.damage import poison_pairs
 from trainer import evaluate as evaluate_cli
 from trainer.checkpoint import TrainState, save_checkpoint
@@ -66,8 +67,11 @@ def test_scores_a_changed_unet(
     )
     assert result["policy_err_w"] != result["ref_err_w"]
     assert result["implicit_accuracy"] != 0.5 or result["reward_margin"] != 0.0
-    with pytest.raises(SystemExit, match="no pytorch_lora_weights"):
+    assert (
         evaluate_cli.main(["--data", str(latent_sd15), "--model", str(tiny_sd15), "--lora", str(tmp_path)])
+        == 2
+    )
+    assert "no pytorch_lora_weights" in capsys.readouterr().err
 
 
 def test_draws_average_the_errors_of_independent_draws(
@@ -205,8 +209,8 @@ def test_a_training_checkpoint_can_be_evaluated(
     assert from_checkpoint["policy_err_w"] != from_checkpoint["ref_err_w"]
     for k in ("policy_err_w", "policy_err_l", "ref_err_w", "ref_err_l"):
         assert from_checkpoint[k] == pytest.approx(exported[k], rel=1e-4), k
-    with pytest.raises(SystemExit, match="neither a UNet folder"):
-        evaluate_cli.main([*base, "--unet", str(tmp_path)])
+    assert evaluate_cli.main([*base, "--unet", str(tmp_path)]) == 2
+    assert "neither a UNet folder" in capsys.readouterr().err
 
 
 def test_eval_data_at_another_resolution(
@@ -214,9 +218,12 @@ def test_eval_data_at_another_resolution(
 ) -> None:
     """Refused against the resolution a checkpoint was trained at; a loud warning against the UNet's native size."""
     data = write_latent_dataset(tmp_path / "d128", num_pairs=4, resolution=128, latent_shape=(4, 16, 16))
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
-    with pytest.raises(SystemExit, match=r"encoded at resolution 128, the policy was trained at 64"):
-        evaluate_cli.check_eval_resolution(data, 64, unet)
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "run.json").write_text(json.dumps({"data": {"resolution": 64}}))
+    with pytest.raises(
+        InputError, match=r"encoded at resolution 128, the policy \(--unet \S+\) was trained at 64"
+    ):
+        evaluate_cli.check_trained_resolution(data, 128, "--unet", str(tmp_path / "final" / "unet"))
     assert evaluate_cli.main(["--data", str(data), "--model", str(tiny_sd15), "--json"]) == 0
     out = capsys.readouterr()
     assert json.loads(out.out)["num_pairs"] == 4

@@ -4,7 +4,8 @@
   model.safetensors      the trainable parameters by name (the whole UNet, or only the LoRA weights)
   optimizer.safetensors  optimizer tensors keyed `state.{param_idx}.{name}`
   optimizer.json         the optimizer's non-tensor state and param_groups
-  state.json             the TrainState counters, lr schedule, grad scaler, topology, seed, config
+  state.json             the TrainState counters, lr schedule, grad scaler, topology, seed, config, and the size
+                         and CRC-32 of each file above (`files`), so a damaged checkpoint is found before a resume
 All randomness in training is counter-based (seeded by seed, rank and step), so no RNG state is needed.
 
 A checkpoint is written as `step_n.tmp` by the main process, fsynced, and renamed once complete, so a crash while
@@ -15,9 +16,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
+import json
 import os
 import re
 import shutil
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
@@ -26,12 +32,14 @@ import torch
 from accelerate import Accelerator
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from schemas.atomic import publish_dir
 from schemas.config import TrainConfig
 from schemas.errors import InputError
 from schemas.families import Family
+from schemas.model_folder import safetensors_problem
 from schemas.options import Resume, keys_with
 from schemas.storage import read_json, write_json
 from trainer.model import has_lora
@@ -41,6 +49,9 @@ FINAL = "final"
 # OUT/final/run.json, beside final/unet: the run id, step and data summary of the run that exported it
 EXPORT_RECORD = "run.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json")
+# what the Rust safetensors writer reports a failed write as: "... I/O error: No space left on device (os error 28)"
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 # A resume must see the same data topology, or its data position would point at different batches: the number of
 # processes and the TrainConfig fields whose resume rule is Resume.TOPOLOGY.
 _TOPOLOGY_FIELDS = keys_with(TrainConfig, Resume.TOPOLOGY)
@@ -97,6 +108,67 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
+def file_crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def file_record(folder: Path) -> dict[str, dict[str, Any]]:
+    return {
+        name: {"bytes": (folder / name).stat().st_size, "crc32": file_crc32(folder / name)}
+        for name in CHECKPOINT_FILES
+    }
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from (a missing, truncated or changed file), or None. Each
+    file is compared with the size and CRC-32 its state.json recorded; a checkpoint without that record (an older
+    version) has its safetensors headers checked instead."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"state.json unreadable ({e})"
+    record = state.get("files") or {}
+    for name in CHECKPOINT_FILES:
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if name in record:
+            size = file.stat().st_size
+            if size != record[name]["bytes"]:
+                return f"{name} has {size} bytes, {record[name]['bytes']} were written"
+            if file_crc32(file) != record[name]["crc32"]:
+                return f"{name} fails its CRC-32 check (changed on disk since it was written)"
+        elif name.endswith(".safetensors") and (problem := safetensors_problem(file)):
+            return f"{name}: {problem}"
+    return None
+
+
+@contextmanager
+def disk_errors(path: Path, needed_bytes: int) -> Iterator[None]:
+    """A failed write as one OSError naming `path`, with what a write of `needed_bytes` needed and what is free:
+    the safetensors writer raises its own error type, with the OS error only in its text."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        code = getattr(e, "errno", None)
+        if code is None and (match := _OS_ERROR.search(str(e))):
+            code = int(match[1])
+        if code is None:
+            raise
+        text = os.strerror(code)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(path.parent).free
+            text += f" (needed about {needed_bytes / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free there)"
+        elif code == errno.EFBIG:
+            # a file-size limit (ulimit -f), not the disk
+            text += f" (needed files of about {needed_bytes / 2**20:.1f} MiB in all; check ulimit -f)"
+        raise OSError(code, text, str(path)) from e
+
+
 def _split_optimizer_state(
     optimizer: torch.optim.Optimizer,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -129,20 +201,34 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(trainable_state(unet), tmp / "model.safetensors")
+        weights = trainable_state(unet)
         opt_tensors, opt_json = _split_optimizer_state(optimizer)
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        write_json(tmp / "optimizer.json", opt_json)
-        sched = lr_scheduler.state_dict()
-        # closures; rebuilt from the config
-        sched.pop("lr_lambdas", None)
-        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        write_json(
-            tmp / "state.json",
-            {**meta, **dataclasses.asdict(state), "lr_scheduler": sched, "grad_scaler": scaler},
-        )
-        _fsync_tree(tmp)
+        needed = sum(t.nbytes for t in [*weights.values(), *opt_tensors.values()])
+        try:
+            with disk_errors(tmp, needed):
+                tmp.mkdir(parents=True)
+                save_file(weights, tmp / "model.safetensors")
+                save_file(opt_tensors, tmp / "optimizer.safetensors")
+                write_json(tmp / "optimizer.json", opt_json)
+                sched = lr_scheduler.state_dict()
+                # closures; rebuilt from the config
+                sched.pop("lr_lambdas", None)
+                scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+                write_json(
+                    tmp / "state.json",
+                    {
+                        **meta,
+                        **dataclasses.asdict(state),
+                        "lr_scheduler": sched,
+                        "grad_scaler": scaler,
+                        "files": file_record(tmp),
+                    },
+                )
+                _fsync_tree(tmp)
+        except OSError:
+            # the space a torn save holds goes back at once; the previous checkpoint is untouched
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         publish_dir(tmp, final)
@@ -254,30 +340,32 @@ def export_final(
     `trainer.evaluate` checks the held-out data against). Each folder is written aside and renamed into place."""
     final = Path(output_dir) / FINAL
     if accelerator.is_main_process:
-        final.mkdir(parents=True, exist_ok=True)
-        if run_info is not None:
-            write_json(final / EXPORT_RECORD, run_info)
-        if has_lora(denoiser):
-            lora_tmp = final / "lora.tmp"
-            shutil.rmtree(lora_tmp, ignore_errors=True)
-            layers = get_peft_model_state_dict(denoiser)
-            # as diffusers' training scripts save them: the UNet pipelines' loaders read diffusers' own key names
-            # (train_dreambooth_lora_sdxl.py converts), SD3's and FLUX's read peft's (their scripts do not)
-            if family.denoiser == "unet":
-                layers = convert_state_dict_to_diffusers(layers)
-            # unet_lora_layers= for the SD pipelines, transformer_lora_layers= for SD3 and FLUX
-            getattr(diffusers, family.pipeline).save_lora_weights(
-                lora_tmp, **{f"{family.denoiser}_lora_layers": layers}
-            )
-            publish_dir(lora_tmp, final / "lora")
-            denoiser = copy.deepcopy(denoiser)
-            denoiser.fuse_lora()
-            denoiser.unload_lora()
-        denoiser_tmp = final / f"{family.denoiser}.tmp"
-        shutil.rmtree(denoiser_tmp, ignore_errors=True)
-        # safetensors stores contiguous tensors only: a channels-last run ends here, so convert in place
-        denoiser.to(memory_format=torch.contiguous_format)
-        denoiser.save_pretrained(denoiser_tmp, safe_serialization=True)
-        publish_dir(denoiser_tmp, final / family.denoiser)
+        needed = sum(p.nbytes for p in denoiser.parameters())
+        with disk_errors(final, needed):
+            final.mkdir(parents=True, exist_ok=True)
+            if run_info is not None:
+                write_json(final / EXPORT_RECORD, run_info)
+            if has_lora(denoiser):
+                lora_tmp = final / "lora.tmp"
+                shutil.rmtree(lora_tmp, ignore_errors=True)
+                layers = get_peft_model_state_dict(denoiser)
+                # as diffusers' training scripts save them: the UNet pipelines' loaders read diffusers' own key names
+                # (train_dreambooth_lora_sdxl.py converts), SD3's and FLUX's read peft's (their scripts do not)
+                if family.denoiser == "unet":
+                    layers = convert_state_dict_to_diffusers(layers)
+                # unet_lora_layers= for the SD pipelines, transformer_lora_layers= for SD3 and FLUX
+                getattr(diffusers, family.pipeline).save_lora_weights(
+                    lora_tmp, **{f"{family.denoiser}_lora_layers": layers}
+                )
+                publish_dir(lora_tmp, final / "lora")
+                denoiser = copy.deepcopy(denoiser)
+                denoiser.fuse_lora()
+                denoiser.unload_lora()
+            denoiser_tmp = final / f"{family.denoiser}.tmp"
+            shutil.rmtree(denoiser_tmp, ignore_errors=True)
+            # safetensors stores contiguous tensors only: a channels-last run ends here, so convert in place
+            denoiser.to(memory_format=torch.contiguous_format)
+            denoiser.save_pretrained(denoiser_tmp, safe_serialization=True)
+            publish_dir(denoiser_tmp, final / family.denoiser)
     accelerator.wait_for_everyone()
     return final

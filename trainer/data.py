@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from schemas import storage
+from schemas.errors import InputError
 from schemas.families import FAMILIES
 from schemas.manifest import MANIFEST_NAME, Manifest
 from schemas.sample import (
@@ -58,6 +59,23 @@ def check_checksums(manifest: Manifest, data_dir: str | Path) -> None:
             f"{storage.join(data_dir, MANIFEST_NAME)}: encoded without per-sample {CHECKSUM} checksums (manifest "
             f"checksum {manifest.checksum!r}), so damaged files could not be detected; re-encode it"
         )
+
+
+def check_listed_files(manifest: Manifest, data_dir: str | Path) -> None:
+    """Every tar the manifest lists is there: a deleted shard or text tar is found before the run starts, not at the
+    step that first reads it. One listing per folder (a few requests on object storage, not one per shard)."""
+    by_folder: dict[str, list[str]] = {}
+    for entry in [*manifest.shards, *manifest.text_shards]:
+        folder, _, name = entry.path.rpartition("/")
+        by_folder.setdefault(folder, []).append(name)
+    for folder, names in by_folder.items():
+        present = set(storage.list_names(storage.join(data_dir, folder) if folder else data_dir))
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise InputError(
+                f"{len(missing)} of the files manifest.json lists are missing, e.g. "
+                f"{storage.join(data_dir, folder, missing[0])}; restore them or re-encode into a new --out"
+            )
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from schemas.config import TrainConfig, parse_config
+from schemas.config import TrainConfig
+from schemas.config_cli import parse_config
 from schemas.errors import InputError
 from schemas.families import FAMILIES
 from schemas.sample import model_family, pair_key

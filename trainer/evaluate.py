@@ -25,16 +25,19 @@ from pathlib import Path
 import torch
 
 from schemas.config import SDXL_TIME_IDS
-from schemas.errors import InputError
+from schemas.errors import EXIT_ENVIRONMENT, EXIT_INPUT, InputError, environment_message
+from schemas.families import folder_family
 from schemas.loss_table import default_beta
 from schemas.manifest import Manifest
+from schemas.model_folder import check_weight_files, denoiser_parts, resolve_model
 from schemas.storage import read_json
-from trainer.checkpoint import EXPORT_RECORD, load_trainable_weights
+from trainer.checkpoint import EXPORT_RECORD, checkpoint_problem, load_trainable_weights
 from trainer.data import iter_eval_batches
 from trainer.denoisers import Denoising
 from trainer.losses import dpo_logits, dpo_loss, implicit_accuracy, reward_margin
 from trainer.model import (
     Models,
+    check_data_fits_model,
     denoiser_class,
     draw_eval_noise,
     load_denoising,
@@ -45,7 +48,7 @@ from trainer.model import (
     to_device,
 )
 
-# the file name diffusers' save_lora_weights writes and the trainer's final/lora holds
+# the file the trainer's LoRA export writes, and pipe.load_lora_weights reads
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 METRICS = (
     "implicit_accuracy",
@@ -78,6 +81,10 @@ def evaluate(
 
     `groups` (pair key → group name, e.g. what makes the loser worse) adds `accuracy_by_group` and
     `pairs_by_group`: which part of a preference was learned. Pairs it does not name count only in the means."""
+    if draws < 1 or batch_size < 1 or (max_pairs is not None and max_pairs < 1):
+        raise ValueError(
+            f"draws, batch_size and max_pairs must be >= 1, got {draws}, {batch_size}, {max_pairs}"
+        )
     policy_is_reference = models.reference is None and not models.is_lora
     was_training = policy.training
     policy.eval()
@@ -122,8 +129,12 @@ def evaluate(
             n += len(kept)
     finally:
         policy.train(was_training)
+    # a mean over no pair would read as a result (accuracy 0.5); it is an error
     if n == 0:
-        raise ValueError(f"{data_dir}: no evaluation pairs with finite errors ({non_finite} non-finite)")
+        raise InputError(
+            f"--data {data_dir}: no pair with finite errors to evaluate ({non_finite} non-finite); "
+            "are the latents NaN?"
+        )
     result: dict = {**{k: v / n for k, v in sums.items()}, "num_pairs": n, "non_finite_pairs": non_finite}
     if groups is not None:
         result["accuracy_by_group"] = {g: sum(h) / len(h) for g, h in sorted(group_hits.items())}
@@ -209,25 +220,12 @@ def strict_json(result: dict[str, float]) -> str:
     )
 
 
-def check_policy_dirs(unet_dir: str | None, lora_dir: str | None) -> None:
-    """Raise InputError unless `--unet` is a denoiser folder (config.json) or a training checkpoint (state.json)
-    and `--lora` holds pytorch_lora_weights.safetensors, and not both are given: checked before anything loads."""
-    if unet_dir and lora_dir:
-        raise InputError("give --unet or --lora, not both")
-    if unet_dir and not any((Path(unet_dir) / f).is_file() for f in ("state.json", "config.json")):
-        raise InputError(
-            f"--unet {unet_dir}: neither a UNet folder (config.json) nor a training checkpoint (state.json)"
-        )
-    if lora_dir and not (Path(lora_dir) / LORA_WEIGHTS).is_file():
-        raise InputError(f"--lora {lora_dir}: no {LORA_WEIGHTS} there")
-
-
 def load_policy(
     model: str, unet_dir: str | None, lora_dir: str | None, sdxl_time_ids: str = "constant"
 ) -> Models:
     """`Models` whose policy is `--unet` (a UNet folder or a training checkpoint), or the base `model` with `--lora`
-    adapters, or the base; the reference is left None (a LoRA policy's is its adapters disabled)."""
-    check_policy_dirs(unet_dir, lora_dir)
+    adapters, or the base; the reference is left None (a LoRA policy's is its adapters disabled). The folders were
+    checked by check_policy_dirs."""
     if unet_dir and (Path(unet_dir) / "state.json").is_file():
         return _load_checkpoint_policy(model, Path(unet_dir), sdxl_time_ids)
     if unet_dir:
@@ -243,14 +241,36 @@ def load_for_eval(
     model: str, unet_dir: str | None, lora_dir: str | None, sdxl_time_ids: str = "constant"
 ) -> tuple[Models, torch.nn.Module]:
     """Reference = the base denoiser of `model` (a LoRA policy's: its adapters disabled); policy = `load_policy`'s."""
-    try:
-        models = load_policy(model, unet_dir, lora_dir, sdxl_time_ids)
-    except InputError as e:
-        raise SystemExit(f"error: {e}") from e
+    models = load_policy(model, unet_dir, lora_dir, sdxl_time_ids)
     if unet_dir and not models.is_lora:
         reference = load_models(model, need_reference=False).policy.requires_grad_(False).eval()
         models = Models(models.policy, reference, models.denoising)
     return models, models.policy
+
+
+def check_policy_dirs(unet_dir: str | None, lora_dir: str | None, family: str) -> None:
+    """--unet / --lora hold what load_for_eval reads, whole: a checkpoint that passes its checks, a denoiser folder
+    of the model's family with a config and intact weights, or the LoRA weights file."""
+    if unet_dir and lora_dir:
+        raise InputError("give --unet or --lora, not both")
+    if unet_dir:
+        folder = Path(unet_dir)
+        if (folder / "state.json").is_file():
+            if problem := checkpoint_problem(folder):
+                raise InputError(f"--unet {unet_dir}: the checkpoint is damaged ({problem})")
+            return
+        if not (folder / "config.json").is_file():
+            raise InputError(
+                f"--unet {unet_dir}: neither a UNet folder (config.json) nor a training checkpoint (state.json)"
+            )
+        if folder_family(folder) != family:
+            raise InputError(f"--unet {unet_dir}: a {folder_family(folder)} denoiser, --model is {family}")
+        check_weight_files(folder, "--unet")
+    if lora_dir:
+        weights = Path(lora_dir) / LORA_WEIGHTS
+        if not weights.is_file():
+            raise InputError(f"--lora {lora_dir}: no {LORA_WEIGHTS} there")
+        check_weight_files(Path(lora_dir), "--lora")
 
 
 def _load_checkpoint_policy(model: str, path: Path, sdxl_time_ids: str) -> Models:
@@ -268,32 +288,37 @@ def _load_checkpoint_policy(model: str, path: Path, sdxl_time_ids: str) -> Model
     return models
 
 
-def trained_resolution(unet_dir: str | None) -> int | None:
+def trained_resolution(policy_dir: str | None) -> int | None:
     """The resolution of the data a policy was trained on, when its run recorded it: a checkpoint's state.json,
-    or run.json beside RUN/final/unet."""
-    if not unet_dir:
+    or run.json beside RUN/final/unet and RUN/final/lora."""
+    if not policy_dir:
         return None
-    for info in (Path(unet_dir) / "state.json", Path(unet_dir).parent / EXPORT_RECORD):
+    for info in (Path(policy_dir) / "state.json", Path(policy_dir).parent / EXPORT_RECORD):
         if info.is_file():
             resolution = read_json(info).get("data", {}).get("resolution")
             return int(resolution) if resolution is not None else None
     return None
 
 
-def check_eval_resolution(data_dir: str | Path, trained: int | None, unet: torch.nn.Module) -> None:
-    """Exit 2 when the held-out data were encoded at another resolution than the training data: the numbers would
-    measure the resolution change, not the training. With no record of the training data, compare with the
-    UNet's native size and warn."""
-    resolution = Manifest.load(data_dir).resolution
+def check_trained_resolution(
+    data_dir: str | Path, resolution: int, policy_flag: str, policy_dir: str
+) -> None:
+    """Exit 2 when the held-out data were encoded at another resolution than the policy's training data: the
+    numbers would measure the resolution change, not the training. Checked for --unet and --lora alike."""
+    trained = trained_resolution(policy_dir)
     if trained is not None and resolution != trained:
-        raise SystemExit(
-            f"error: --data {data_dir} was encoded at resolution {resolution}, the policy was trained at "
-            f"{trained}; encode the evaluation data at {trained}"
+        raise InputError(
+            f"--data {data_dir} was encoded at resolution {resolution}, the policy ({policy_flag} {policy_dir}) was "
+            f"trained at {trained}; encode the evaluation data at {trained}"
         )
+
+
+def warn_native_resolution(data_dir: str | Path, resolution: int, unet: torch.nn.Module) -> None:
+    """With no record of the training data, compare with the denoiser's native size and warn."""
     # the VAE's 8x downsampling, as every SD VAE has (a transformer's sample_size counts latent pixels too)
     sample_size = getattr(unet.config, "sample_size", None)
     native = sample_size * 8 if sample_size else resolution
-    if trained is None and resolution != native:
+    if resolution != native:
         print(
             f"warning: --data {data_dir} was encoded at resolution {resolution}, the UNet's native size is "
             f"{native}; compare only numbers from data encoded at the resolution the policy was trained at",
@@ -337,10 +362,50 @@ def arguments() -> argparse.ArgumentParser:
     return parser
 
 
+# flags that count something: 0 or less would measure nothing
+POSITIVE_FLAGS = ("draws", "batch_size", "max_pairs")
+
+
+def check_arguments(args: argparse.Namespace) -> Manifest:
+    """Every flag and input before any model is loaded: counts, β, the model folder, the data against it
+    (manifest, listed tars, family and shapes), the policy folders and the resolution they were trained at.
+    Returns the data's manifest."""
+    for name in POSITIVE_FLAGS:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.beta is not None and not args.beta > 0:
+        raise InputError(f"--beta must be > 0, got {args.beta}")
+    family = resolve_model(args.model, denoiser_parts).family
+    manifest = check_data_fits_model(args.data, "--data", args.model)
+    if manifest.num_samples == 0:
+        raise InputError(f"--data {args.data}: the manifest lists no pairs")
+    check_policy_dirs(args.unet, args.lora, family.name)
+    for flag, folder in (("--unet", args.unet), ("--lora", args.lora)):
+        if folder:
+            check_trained_resolution(args.data, manifest.resolution, flag, folder)
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> int:
     args = arguments().parse_args(argv)
+    try:
+        return run(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as e:
+        if (message := environment_message(e)) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = check_arguments(args)
     models, policy = load_for_eval(args.model, args.unet, args.lora, args.sdxl_time_ids)
-    check_eval_resolution(args.data, trained_resolution(args.unet), policy)
+    if trained_resolution(args.unet or args.lora) is None:
+        warn_native_resolution(args.data, manifest.resolution, policy)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models.policy.to(device)
     if models.reference is not None:

@@ -24,7 +24,7 @@ from schemas.families import FAMILIES, Family
 from schemas.manifest import Manifest
 from schemas.sample import model_family
 from schemas.seeds import seed_of
-from trainer.data import check_checksums
+from trainer.data import check_checksums, check_listed_files
 from trainer.denoisers import FORWARDS, Denoising
 
 # keeps training-noise seeds apart from the data stream's (seed, slot, batch) seeds
@@ -220,12 +220,13 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def check_data_fits_model(data_dir: str, flag: str, model: str) -> Manifest:
-    """The manifest of `data_dir`, refused (InputError naming the flag) when it is missing, has no checksums or was
-    encoded for another model family or shape than `model`'s denoiser: checked before any work, not as a shape
-    error in step 1."""
+    """The manifest of `data_dir`, refused (InputError naming the flag) when it is missing or unreadable, has no
+    checksums, lists a tar that is not there, or was encoded for another model family or shape than `model`'s
+    denoiser: checked before any work, not as a shape error in step 1."""
     try:
         manifest = Manifest.load(data_dir)
         check_checksums(manifest, data_dir)
+        check_listed_files(manifest, data_dir)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(f"{flag} {data_dir}: {e}") from None
     family = FAMILIES[model_family(model)]

@@ -29,9 +29,17 @@ from schemas.errors import InputError
 from schemas.families import FAMILIES, Family
 from schemas.loss_table import default_beta, family_setting
 from schemas.manifest import Manifest
+from schemas.model_folder import denoiser_parts, resolve_model
 from schemas.options import Resume, flag_of, rules
 from schemas.storage import read_json, write_json
-from trainer.checkpoint import CHECKPOINTS, FINAL, check_topology, data_topology, list_checkpoints
+from trainer.checkpoint import (
+    CHECKPOINTS,
+    FINAL,
+    check_topology,
+    checkpoint_problem,
+    data_topology,
+    list_checkpoints,
+)
 from trainer.model import check_data_fits_model
 
 # OUT/run.json: the id, model and data summary of the run the directory holds
@@ -92,23 +100,38 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def choose_start(cfg: TrainConfig) -> tuple[Path | None, str]:
-    """The checkpoint to resume from (None: start at step 0) and the run id this process continues or starts.
+def newest_intact(checkpoints: list[Path]) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose files pass checkpoint_problem, and a line for each newer one that does not."""
+    notes = []
+    for path in reversed(checkpoints):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if notes:
+                notes.append(f"--resume latest: falling back to {path}, the newest intact checkpoint")
+            return path, notes
+        notes.append(f"warning: checkpoint {path} is damaged ({problem}); not resuming from it")
+    return None, notes
 
-    Refuses, before any work, every case that would mix two runs in one directory."""
+
+def choose_start(cfg: TrainConfig) -> tuple[Path | None, str, list[str]]:
+    """The checkpoint to resume from (None: start at step 0), the run id this process continues or starts, and
+    lines to print (damaged checkpoints passed over by `--resume latest`).
+
+    Refuses, before any work, every case that would mix two runs in one directory, and a damaged checkpoint named
+    by `--resume DIR` or the only ones `latest` could take."""
     out = Path(cfg.output_dir)
     held = holds_run(out)
     if cfg.overwrite_output_dir:
         if cfg.resume:
             raise InputError("--overwrite-output-dir starts a new run; it cannot be combined with --resume")
-        return None, new_run_id()
+        return None, new_run_id(), []
     if not cfg.resume:
         if held:
             raise InputError(
                 f"--output-dir {out} already holds a run ({held}); pass --resume latest to continue it, "
                 "--overwrite-output-dir to replace it, or choose another --output-dir"
             )
-        return None, new_run_id()
+        return None, new_run_id(), []
     run_id = current_run_id(out)
     # no run.json (checkpoints copied in without it): the run they agree on
     if run_id is None:
@@ -121,15 +144,21 @@ def choose_start(cfg: TrainConfig) -> tuple[Path | None, str]:
         run_id = next(iter(ids), None)
     if cfg.resume == "latest":
         own = list_checkpoints(out, run_id=run_id) if run_id else []
+        intact, notes = newest_intact(own)
+        if intact is not None:
+            return intact, run_id, notes
         if own:
-            return own[-1], run_id
+            raise InputError(
+                f"--resume latest: every checkpoint of run {run_id} in {out} is damaged "
+                f"({'; '.join(notes)}); pass --overwrite-output-dir to start again"
+            )
         if (out / FINAL).exists() or list_checkpoints(out):
             raise InputError(
                 f"--resume latest: {out} holds {held}, but no checkpoint of its run "
                 f"{run_id or '(none recorded)'}; pass --overwrite-output-dir to start again"
             )
         # killed before its first checkpoint: start it again
-        return None, run_id or new_run_id()
+        return None, run_id or new_run_id(), []
     path = Path(cfg.resume)
     if not (path / "state.json").is_file():
         raise InputError(f"--resume {path}: no state.json there; not a complete checkpoint")
@@ -143,7 +172,11 @@ def choose_start(cfg: TrainConfig) -> tuple[Path | None, str]:
             f"--resume {path} is a checkpoint of run {theirs}, but --output-dir {out} holds another run ({held}); "
             "resume into an empty --output-dir or that run's own"
         )
-    return path, theirs
+    if problem := checkpoint_problem(path):
+        raise InputError(
+            f"--resume {path}: the checkpoint is damaged ({problem}); resume from an earlier one"
+        )
+    return path, theirs, []
 
 
 def with_resolved_beta(config: dict[str, Any], family: str) -> dict[str, Any]:
@@ -195,6 +228,8 @@ class Start:
     topology: dict[str, int]
     # hyper-parameters changed on resume, as lines to print
     changes: list[str]
+    # damaged checkpoints passed over, as lines for stderr
+    notes: list[str]
 
 
 # what applies to one kind of family only, so that setting it for another is an error rather than ignored
@@ -213,10 +248,36 @@ def check_family_flags(cfg: TrainConfig, family: Family) -> None:
         raise InputError(f"--guidance applies to FLUX models; --model {cfg.model} is {family.name}")
 
 
+def check_library_choices(cfg: TrainConfig) -> None:
+    """The names only a library knows, resolved now rather than after the run directory was claimed:
+    `--lr-scheduler` against diffusers' SchedulerType (piecewise_constant needs step rules this trainer does not
+    take), `--report-to` against accelerate's trackers and what this environment has installed."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+    from diffusers.optimization import SchedulerType
+
+    schedules = [s.value for s in SchedulerType if s is not SchedulerType.PIECEWISE_CONSTANT]
+    if cfg.lr_scheduler not in schedules:
+        raise InputError(f"--lr-scheduler {cfg.lr_scheduler!r}: not one of diffusers' schedules {schedules}")
+    trackers = [t.value for t in LoggerType]
+    if cfg.report_to not in ("none", *trackers):
+        raise InputError(
+            f"--report-to {cfg.report_to!r}: not one of accelerate's trackers {['none', *trackers]}"
+        )
+    installed = [t.value for t in get_available_trackers()]
+    if cfg.report_to not in ("none", "all", *installed):
+        raise InputError(
+            f"--report-to {cfg.report_to}: its package is not installed here (installed trackers: "
+            f"{installed or 'none'}); install it or pass --report-to none"
+        )
+
+
 def preflight(cfg: TrainConfig, world_size: int) -> Start:
-    """Every check that needs no model: data and held-out data against the model and each other, the loss against
-    the model family, the output directory, and what a resume may change. Raises InputError naming the flag or
-    file."""
+    """Every check that needs no model weights loaded: the flags only a library can check, the model folder, data
+    and held-out data against the model and each other, the loss against the model family, the output directory,
+    and what a resume may change. Raises InputError naming the flag or file."""
+    check_library_choices(cfg)
+    resolve_model(cfg.model, denoiser_parts)
     manifest = check_data_fits_model(cfg.data, "--data", cfg.model)
     family_setting(cfg.loss, manifest.model_family)
     check_family_flags(cfg, FAMILIES[manifest.model_family])
@@ -230,13 +291,13 @@ def preflight(cfg: TrainConfig, world_size: int) -> Start:
             )
     data = data_summary(cfg.data)
     topology = data_topology(cfg, world_size)
-    resume_from, run_id = choose_start(cfg)
+    resume_from, run_id, notes = choose_start(cfg)
     changes = []
     if resume_from is not None:
         saved = read_json(resume_from / "state.json")
         check_topology(resume_from, saved, topology)
         changes = check_resume_config(resume_from, saved, cfg, data)
-    return Start(resume_from, run_id, data, topology, changes)
+    return Start(resume_from, run_id, data, topology, changes, notes)
 
 
 def begin_run(cfg: TrainConfig, run_id: str, data: dict[str, Any]) -> None:

@@ -10,7 +10,8 @@ last checkpoint without replaying data.
 
 Exit status: 0 done; 2 bad input (a flag, a file, data that do not fit the model, an output directory that holds
 another run, damaged data), named in the message, checked before any work where it can be; 3 too many non-finite
-steps (--max-skipped-fraction); 75 stopped by SIGTERM/SIGINT after writing a checkpoint (rerun with --resume latest).
+steps (--max-skipped-fraction); 74 the environment failed a write or read (disk full, permission denied), named in
+one line; 75 stopped by SIGTERM/SIGINT after writing a checkpoint (rerun with --resume latest).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import torch
 from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
-from schemas.config import TrainConfig, parse_config
-from schemas.errors import InputError
+from schemas.config import TrainConfig
+from schemas.config_cli import parse_config
+from schemas.errors import EXIT_ENVIRONMENT, EXIT_INPUT, InputError, environment_message
 from schemas.loss_table import LOSSES, default_beta
 from schemas.manifest import Manifest
 from schemas.sample import TORCH_DTYPES
@@ -47,7 +49,6 @@ from trainer.step import Trainer, train_step
 _NO_GPU = not torch.cuda.is_available()
 # a terminal gets a live bar; a log file (CI, `ray job logs`) gets a line every 30 s instead of thousands of \r updates
 PROGRESS_INTERVAL_S = 0.1 if sys.stderr.isatty() else 30.0
-EXIT_INPUT = 2
 EXIT_DIVERGED = 3
 MIN_STEPS_FOR_FRACTION = 100
 
@@ -315,6 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {input_error_message(e)}", file=sys.stderr)
         return EXIT_INPUT
+    except OSError as e:
+        if (message := environment_message(e)) is None:
+            raise
+        print(
+            f"error: {message}. Nothing half-written was published: the last complete checkpoint is intact; fix "
+            "this and rerun the same command with --resume latest",
+            file=sys.stderr,
+        )
+        return EXIT_ENVIRONMENT
 
 
 def input_error_message(e: InputError) -> str:
@@ -327,8 +337,11 @@ def input_error_message(e: InputError) -> str:
 def claim_and_train(cfg: TrainConfig) -> int:
     """Every check first; then the output directory claimed (locked, the run recorded) and the run trained, with
     SIGTERM/SIGINT turned into a stop after the current step (also while the models load)."""
+    # the checks come before the Accelerator, which would itself fail on an unknown tracker with a traceback
+    start = preflight(cfg, PartialState(cpu=_NO_GPU).num_processes)
     accelerator = make_accelerator(cfg)
-    start = preflight(cfg, accelerator.num_processes)
+    for line in start.notes:
+        accelerator.print(line, file=sys.stderr)
     # every rank checked the directory before the main process claims it
     accelerator.wait_for_everyone()
     with StopRequest() as stop, attention_backend(cfg.attention_backend):
@@ -369,27 +382,30 @@ def train_and_export(cfg: TrainConfig, accelerator: Accelerator, start: Start, s
     clock = RunClock(pairs_per_step)
     eval_result: dict[str, float] = {}
     exit_code = 0
-    while state.global_step < cfg.max_steps:
-        result = train_step(trainer, state, batches)
-        window.add_step(result, pairs=pairs_per_step)
-        clock.step()
-        progress.update(1)
-        if result.skipped:
-            report_skip(trainer, state, progress)
-        if should_log(cfg, state.global_step):
-            log_window(trainer, window, state, progress)
-        preempted = result.stop and state.global_step < cfg.max_steps
-        if should_checkpoint(cfg, state.global_step) or preempted:
-            checkpoint(trainer, state, start)
-        if preempted:
-            exit_code = EXIT_PREEMPTED
-            break
-        if too_many_skipped(cfg, state, finished=False):
-            exit_code = EXIT_DIVERGED
-            break
-        if should_evaluate(cfg, state.global_step):
-            eval_result = evaluate_and_log(trainer, state.global_step)
-    progress.close()
+    # closed also when a step or a checkpoint raises, so that an error line starts on a line of its own
+    try:
+        while state.global_step < cfg.max_steps:
+            result = train_step(trainer, state, batches)
+            window.add_step(result, pairs=pairs_per_step)
+            clock.step()
+            progress.update(1)
+            if result.skipped:
+                report_skip(trainer, state, progress)
+            if should_log(cfg, state.global_step):
+                log_window(trainer, window, state, progress)
+            preempted = result.stop and state.global_step < cfg.max_steps
+            if should_checkpoint(cfg, state.global_step) or preempted:
+                checkpoint(trainer, state, start)
+            if preempted:
+                exit_code = EXIT_PREEMPTED
+                break
+            if too_many_skipped(cfg, state, finished=False):
+                exit_code = EXIT_DIVERGED
+                break
+            if should_evaluate(cfg, state.global_step):
+                eval_result = evaluate_and_log(trainer, state.global_step)
+    finally:
+        progress.close()
     timing = clock.summary()
     if exit_code == 0 and too_many_skipped(cfg, state, finished=True):
         exit_code = EXIT_DIVERGED
