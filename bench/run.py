@@ -241,7 +241,7 @@ def bench_encode(work: Path, rows: int) -> tuple[str, Path]:
         + "\n\n"
         "Two defaults of the encode rest on measurements of the demo's encode (2,687 pairs, a 2-CPU machine), taken "
         "when they were chosen and not re-run here: `--num-encoders 0` sizes the pool by the real cores "
-        "(`stages.ray_driver.default_pool_size`), because two 2-thread encoder actors on 2 cores only take turns "
+        "(`cluster.ray_session.default_pool_size`), because two 2-thread encoder actors on 2 cores only take turns "
         "(60–63 s with two, 44–53 s with one); and the caption job runs beside the pair chunks rather than before "
         "them (`stages.jobs.encode_all`), so the text actor's start overlaps the decode (each demo encode 7–12 s "
         "sooner)."

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from cluster.ray_session import ray_session
 from schemas import storage
 from schemas.config import EncodeConfig, parse_config
 from schemas.errors import InputError
@@ -29,7 +30,7 @@ from stages.formats import PairFormat, get_format
 from stages.jobs import encode_all
 from stages.output_dir import OutputDir, normalised, output_config
 from stages.publish import write_manifest, write_report
-from stages.ray_driver import encoder_pool_size, ray_session
+from stages.ray_driver import encoder_pool_size
 from stages.read_pairs import Prescan, prescan
 
 # what the encode loads from a hub model: configs, tokenizers and safetensors weights, never the UNet

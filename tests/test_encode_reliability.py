@@ -17,11 +17,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from cluster.ray_session import _proc_table, descendants
 from schemas.manifest import Manifest
 from stages.encode import main
 from stages.formats import CANONICAL_SCHEMA, get_format
 from stages.output_dir import OutputDir
-from stages.ray_driver import _proc_table, descendants
 from stages.read_pairs import prescan
 from tests.fixtures.ray_cluster import free_port
 from tests.test_encode import FAST, REPO, small_args

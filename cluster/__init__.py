@@ -1,0 +1,1 @@
+"""What the encode (stages/) and the evaluation (evaluation/) share about running on Ray."""
