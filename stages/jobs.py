@@ -31,6 +31,7 @@ from stages.output_dir import (
     commit_part,
     next_attempt,
     part_name,
+    source_fingerprints,
 )
 from stages.progress import RowCounter, RowProgress, RunCounts, count_rows
 from stages.ray_driver import model_stage
@@ -150,6 +151,8 @@ def encode_chunk(
     from stages.write_shards import ShardNames, ShardWriter, to_pair_samples
 
     part_dir, ckpt, drops_dir = output.chunk_dir(k), output.checkpoint_dir(k), output.drops_dir(k)
+    # before the job reads them: a file changed while it runs is then told apart on the next run
+    sources = source_fingerprints(files)
     output.start_chunk(k, files)
     undo_half_moved_commits(ckpt)
     names = ShardNames(PAIRS, next_attempt(PAIRS, storage.list_names(part_dir) + storage.list_names(ckpt)))
@@ -207,7 +210,12 @@ def encode_chunk(
     return commit_part(
         part_dir,
         PAIR_MEMBERS,
-        {"files": files, "rows_read": rows_read, "dropped": dict(sorted(dropped.items()))},
+        {
+            "files": files,
+            "sources": sources,
+            "rows_read": rows_read,
+            "dropped": dict(sorted(dropped.items())),
+        },
     )
 
 
