@@ -5,12 +5,15 @@ Exit codes of the project's CLIs: 2 for a user's mistake (schemas/errors.py Inpu
 written), 74 (EX_IOERR of sysexits.h) for a failure of the machine or cluster the run was on, 1 (a traceback) for a
 bug. The full traceback of an environment failure goes to a log file the line names, so nothing is lost.
 
-  EnvironmentFailure(message)                  raise it where the failure is known by the caller (e.g. ulimit -f)
-  describe(error, where) -> str | None         the one line for an environment failure anywhere in `error`'s chain
-                                               (Ray's task errors included), None for anything else
-  report(error, where, log_dir, prog) -> int | None
-                                               print `error: LINE (traceback: LOG)` and return EXIT_ENVIRONMENT, or
-                                               None when `error` is not one (the caller re-raises it)
+  EnvironmentFailure(message)          raised by a caller's own check (e.g. a small `ulimit -f`): report prints it
+  describe(error, where) -> str|None   the one line for an environment failure anywhere in `error`'s chain (Ray's
+                                       task errors included), None for anything else; `where`: the path written
+  report(error, where, log_dir, prog, held) -> int|None
+                                       `error: LINE (full traceback: LOG)` on stderr and EXIT_ENVIRONMENT, or None
+                                       when `error` is not one (the caller re-raises it)
+  console_errors_held(logger, held)    a `with` block keeping a logger's ERROR records (Ray Data's task
+                                       tracebacks) off the console, collected into `held` for report's log file
+  file_size_limit() -> int|None        RLIMIT_FSIZE (`ulimit -f`) in bytes
 """
 
 from __future__ import annotations
@@ -117,10 +120,12 @@ def describe(error: BaseException, where: str) -> str | None:
     for e in _chain(error):
         for cls in type(e).__mro__:
             if cls.__name__ in _RAY_DEATHS and cls.__module__.startswith("ray"):
-                detail = str(e).strip().splitlines()
-                return (
-                    f"{_RAY_DEATHS[cls.__name__]} ({type(e).__name__}: {detail[0][:300] if detail else ''})"
-                )
+                text = str(e)
+                # Ray Data's actors are `MapWorker(MapBatches(<the class>))`
+                actor = re.search(r"class_name: (\S+)|(MapWorker\(MapBatches\(\w+\)\))", text)
+                first = text.strip().splitlines()[0][:200] if text.strip() else ""
+                named = f" {actor[1] or actor[2]}" if actor else ""
+                return f"{_RAY_DEATHS[cls.__name__]}{named} ({type(e).__name__}: {first})"
     return None
 
 
@@ -152,7 +157,11 @@ def console_errors_held(logger_name: str, held: list[str]) -> Iterator[None]:
         held.append(formatter.format(record) + "\n")
         return False
 
-    consoles = [h for h in logging.getLogger(logger_name).handlers if type(h) is logging.StreamHandler]
+    consoles = [
+        h
+        for h in logging.getLogger(logger_name).handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
     for handler in consoles:
         handler.addFilter(hold)
     try:

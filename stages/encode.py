@@ -75,7 +75,9 @@ def refuse_unwritable_out(config: EncodeConfig) -> None:
     if not path.is_dir():
         raise InputError(f"--out {config.out}: {path} is a file, not a directory")
     if not os.access(path, os.W_OK | os.X_OK):
-        raise InputError(f"--out {config.out}: permission denied: {path} is not writable by this user")
+        raise InputError(
+            f"--out {config.out}: {path} is not writable (permission denied, or a read-only file system)"
+        )
 
 
 def refuse_small_file_size_limit(config: EncodeConfig) -> None:
@@ -85,9 +87,9 @@ def refuse_small_file_size_limit(config: EncodeConfig) -> None:
     if limit is None or limit >= MIN_FILE_SIZE_LIMIT or config.ray_address or os.environ.get("RAY_ADDRESS"):
         return
     raise EnvironmentFailure(
-        f"the file-size limit (`ulimit -f`) is {limit} bytes: the local Ray cluster's logs and spill files and "
-        f"the encode's tars need files of up to {MIN_FILE_SIZE_LIMIT // 2**20} MiB or more; raise it (`ulimit -f "
-        "unlimited`) or join a cluster with --ray-address"
+        f"the file-size limit (`ulimit -f`) is {limit} bytes: a local Ray cluster's logs and spill files need "
+        f"{MIN_FILE_SIZE_LIMIT // 2**20} MiB per file or more; raise it (`ulimit -f unlimited`) or join a cluster "
+        "with --ray-address"
     )
 
 
@@ -103,8 +105,9 @@ class Inputs:
 
 
 def preflight(config: EncodeConfig) -> Inputs:
-    """Every check that can fail on the user's input, before anything is written: OUT outside SRC, the model, the
-    format and its columns, every input file (prescan), and at least one trainable row."""
+    """Every check that can fail on the user's input or this machine's limits, before anything is written: OUT
+    outside SRC and writable, `ulimit -f`, the model's parts and weight files, the format and its columns, every
+    input file (prescan), and at least one trainable row. (The memory fit needs the cluster: `run` checks it.)"""
     config = normalised(config)
     refuse_out_inside_src(config)
     refuse_unwritable_out(config)
