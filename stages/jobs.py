@@ -153,7 +153,7 @@ def encode_chunk(
     part_dir, ckpt, drops_dir = output.chunk_dir(k), output.checkpoint_dir(k), output.drops_dir(k)
     # before the job reads them: a file changed while it runs is then told apart on the next run
     sources = source_fingerprints(files)
-    output.start_chunk(k, files)
+    output.start_chunk(k, files, sources)
     undo_half_moved_commits(ckpt)
     names = ShardNames(PAIRS, next_attempt(PAIRS, storage.list_names(part_dir) + storage.list_names(ckpt)))
     ckpt_fs, ckpt_path = storage.arrow_filesystem(ckpt)

@@ -333,12 +333,18 @@ class OutputDir:
             refuse_changed_sources(where, part)
             plan[k] = part["files"]
         for k in self._in_flight():
-            in_flight = storage.read_json(self.in_flight_record(k))["files"]
+            record = storage.read_json(self.in_flight_record(k))
+            in_flight = record["files"]
             assigned = {f for fs in plan.values() for f in fs}
-            if k not in plan and listed.issuperset(in_flight) and not assigned.intersection(in_flight):
+            if (
+                k not in plan
+                and listed.issuperset(in_flight)
+                and not assigned.intersection(in_flight)
+                and record.get("sources", {}) in ({}, source_fingerprints(in_flight))
+            ):
                 plan[k] = in_flight
             else:
-                # its files changed since it was killed: that chunk starts again
+                # its files changed (or were fixed in place) since it was killed: that chunk starts again
                 storage.remove(self.checkpoint_dir(k))
                 storage.remove(self.in_flight_record(k))
         assigned = {f for fs in plan.values() for f in fs}
@@ -352,13 +358,14 @@ class OutputDir:
         """K of every chunk of `plan` that is not committed yet."""
         return [k for k, _ in plan if self.chunk_part(k) is None]
 
-    def start_chunk(self, k: int, files: list[str]) -> None:
+    def start_chunk(self, k: int, files: list[str], sources: dict[str, dict[str, Any]]) -> None:
         """Before chunk K's job: without committed rows, whatever a killed run left in its directories is
-        unaccounted for and goes; its files are recorded, so a rerun after a kill resumes it with the same files."""
+        unaccounted for and goes; its files and their fingerprints are recorded, so a rerun after a kill resumes it
+        with the same files, unless one of them changed meanwhile."""
         if not storage.exists(self.checkpoint_dir(k)):
             storage.remove(self.chunk_dir(k))
             storage.remove(self.drops_dir(k))
-        storage.write_json(self.in_flight_record(k), {"files": files})
+        storage.write_json(self.in_flight_record(k), {"files": files, "sources": sources})
 
     def finish_chunk(self, k: int) -> None:
         """After chunk K is committed (or found committed): its checkpoint, record and drop files go; a kill between
