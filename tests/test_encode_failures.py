@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -23,8 +24,9 @@ import pytest
 from cluster.ray_session import _proc_table, descendants
 from schemas.failures import EXIT_ENVIRONMENT, describe
 from schemas.manifest import Manifest
+from schemas.sample import caption_key
 from stages.ray_driver import MAX_ACTOR_RESTARTS
-from tests.test_encode import FAST, REPO, small_args
+from tests.test_encode import FAST, REPO, read_samples, small_args
 from tests.test_encode_checks import mounted_tmpfs
 from tests.test_encode_reliability import cli
 
@@ -133,15 +135,58 @@ def test_source_changed_in_place_is_refused(
     manifest = (out / "manifest.json").read_bytes()
     first = sorted(src.glob("*.parquet"))[0]
     if change == "fixed_caption":
-        table = pq.read_table(first)
-        captions = table["caption"].to_pylist()
-        captions[0] = captions[0] + " (fixed)"
-        pq.write_table(
-            table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(captions)), first
-        )
+        fix_first_caption(first)
     else:
         os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
     r = cli(args, env=ray_cluster.env)
     assert r.returncode == 2, r.stderr[-3000:]
     assert f"{first} changed since {out}/pairs/chunk_00000 was encoded from it" in one_line_error(r.stderr)
     assert (out / "manifest.json").read_bytes() == manifest
+
+
+def fix_first_caption(path: Path) -> str:
+    """Rewrite `path` in place with its first caption changed (same name, same row count); returns the new one."""
+    table = pq.read_table(path)
+    captions = table["caption"].to_pylist()
+    captions[0] += " (fixed)"
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(captions)), path
+    )
+    return captions[0]
+
+
+def test_chunk_in_flight_with_a_source_fixed_meanwhile_starts_again(
+    synthetic_parquet: Path, tiny_sd15: Path, ray_cluster, tmp_path: Path
+) -> None:
+    """kill -9 once chunk 0 has rows checkpointed, then its first source fixed in place: today the rerun resumes
+    and keeps the rows encoded from the old content; now chunk 0 starts again and publishes the fixed caption."""
+    src, out = tmp_path / "src", tmp_path / "o"
+    shutil.copytree(synthetic_parquet / "validation", src)
+    args = ["--src", str(src), "--out", str(out), "--model", str(tiny_sd15), *FAST, "--shard-size", "2"]
+    args += ["--ray-address", ray_cluster.address]
+    env = {**ray_cluster.env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.encode", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpt = out / "_checkpoints" / "chunk_00000"
+
+    def committed_rows() -> list[Path]:
+        # Ray's checkpoint of rows written: kill once the first rows (those of the file fixed below) are in it
+        return [p for p in ckpt.rglob("*.parquet") if not p.name.endswith(".pending.parquet")]
+
+    try:
+        while proc.poll() is None and not committed_rows():
+            time.sleep(0.05)
+        assert proc.poll() is None, "finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    fixed = fix_first_caption(sorted(src.glob("*.parquet"))[0])
+    r = cli(args, env=ray_cluster.env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    keys = {json.loads(s["json"])["caption_key"] for s in read_samples(out).values()}
+    assert caption_key(fixed) in keys
