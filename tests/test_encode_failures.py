@@ -173,19 +173,22 @@ def test_chunk_in_flight_with_a_source_fixed_meanwhile_starts_again(
         stderr=subprocess.DEVNULL,
     )
     ckpt = out / "_checkpoints" / "chunk_00000"
+    first = sorted(src.glob("*.parquet"))[0]
+    fixed_row = pq.read_table(first, columns=["ranking_id"])["ranking_id"][0].as_py()
 
-    def committed_rows() -> list[Path]:
-        # Ray's checkpoint of rows written: kill once the first rows (those of the file fixed below) are in it
-        return [p for p in ckpt.rglob("*.parquet") if not p.name.endswith(".pending.parquet")]
+    def checkpointed() -> set[int]:
+        # the rows Ray's checkpoint holds as written (committed files only)
+        done = [p for p in ckpt.rglob("*.parquet") if not p.name.endswith(".pending.parquet")]
+        return {i for p in done for i in pq.read_table(p)["ranking_id"].to_pylist()}
 
     try:
-        while proc.poll() is None and not committed_rows():
+        while proc.poll() is None and fixed_row not in checkpointed():
             time.sleep(0.05)
         assert proc.poll() is None, "finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    fixed = fix_first_caption(sorted(src.glob("*.parquet"))[0])
+    fixed = fix_first_caption(first)
     r = cli(args, env=ray_cluster.env)
     assert r.returncode == 0, r.stderr[-3000:]
     keys = {json.loads(s["json"])["caption_key"] for s in read_samples(out).values()}
