@@ -62,15 +62,15 @@ def check_fit(config: EncodeConfig, model_dir: str, available: int, where: str, 
         fitting = int((available / per_pixel) ** 0.5) // 8 * 8
         raise InputError(
             f"--resolution {config.resolution}: the VAE encoder needs at least {one / GIB:.1f} GiB per image at "
-            f"this resolution and {have}; at most about {fitting} can fit"
+            f"this resolution and {have}; above about {fitting} none can fit"
         )
     per_call = images_per_call(config)
     if one * per_call > available:
         pairs = max(1, available // (one * per_call // config.encode_batch_size))
         raise InputError(
             f"--encode-batch-size {config.encode_batch_size}: a VAE call of {per_call} images needs at least "
-            f"{one * per_call / GIB:.1f} GiB at --resolution {config.resolution} and {have}; use "
-            f"--encode-batch-size {pairs} or less"
+            f"{one * per_call / GIB:.1f} GiB at --resolution {config.resolution} and {have}; above "
+            f"--encode-batch-size {pairs} none can fit"
         )
 
 
