@@ -14,6 +14,7 @@ locked, its config compared with an earlier run's, the files assigned to chunks)
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         if code is None:
             sys.stderr.write("".join(held))
             raise
+        # the run is over: what Ray's threads log while the process exits would only bury the line
+        logging.getLogger("ray").setLevel(logging.CRITICAL)
         return code
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ def encoder_pool_size(requested: int, started_ray: bool) -> int:
 # restarts of a model actor that dies (killed for memory, its node lost) and retries of its calls: Ray Data's
 # default is forever, so an actor that dies at every start would hold the job, and its memory, without end
 MAX_ACTOR_RESTARTS = 3
+# Ray 2.60's map_batches has no named parameter for these two yet, only the deprecated **ray_remote_args, whose
+# warning would print on every run
+warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
 
 
 def model_stage(
