@@ -36,21 +36,22 @@ def mounted_tmpfs(where: Path, options: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-@pytest.mark.parametrize("damage", ["truncated_vae", "no_tokenizer", "unet_folder"])
+@pytest.mark.parametrize("damage", ["truncated_vae", "no_text_encoder_weights", "unet_folder"])
 def test_model_folder_checked_naming_the_part(
     damage: str, synthetic_parquet: Path, tiny_sd15: Path, tmp_path: Path, capsys
 ) -> None:
-    """A truncated VAE weight file (today a SafetensorError traceback from inside a Ray actor), a missing
-    tokenizer, or one part of the pipeline passed as --model: exit 2 naming the file or part, nothing written."""
+    """A truncated VAE weight file or a text encoder without weights (today tracebacks from inside a Ray actor),
+    or one part of the pipeline passed as --model: exit 2 naming the file or part, nothing written."""
     model = tmp_path / "model"
     shutil.copytree(tiny_sd15, model)
     if damage == "truncated_vae":
         weights = next((model / "vae").glob("*.safetensors"))
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
         named, arg = str(weights), model
-    elif damage == "no_tokenizer":
-        shutil.rmtree(model / "tokenizer")
-        named, arg = "no tokenizer/", model
+    elif damage == "no_text_encoder_weights":
+        for weights in (model / "text_encoder").glob("*.safetensors"):
+            weights.unlink()
+        named, arg = f"{model / 'text_encoder'} holds no weight file", model
     else:
         named, arg = "no vae/", model / "unet"
     out = tmp_path / "o"
