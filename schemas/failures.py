@@ -146,13 +146,13 @@ def _save(text: str, log_dir: str, prog: str) -> Path | None:
 
 @contextlib.contextmanager
 def console_errors_held(logger_name: str, held: list[str]) -> Iterator[None]:
-    """While inside, ERROR records of `logger_name` (Ray Data logs every failed task's traceback there) are kept
+    """While inside, ERROR records and tracebacks of `logger_name` (Ray Data logs every failed task's there) are kept
     off its console handlers and collected into `held`, for `report` to put in the log file; when the
     block ends without an error they are printed after all (on an error, the caller reports them)."""
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def hold(record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
+        if record.levelno < logging.ERROR and not record.exc_info:
             return True
         held.append(formatter.format(record) + "\n")
         return False

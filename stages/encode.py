@@ -155,13 +155,19 @@ def run(config: EncodeConfig, held: list[str] | None = None) -> Report | None:
             f"{output.root}",
             flush=True,
         )
-        with ray_session(config.ray_address, config.verbose) as started_ray:
+        # its console handler exists once it is imported; the hold also covers what Ray Data's threads log while
+        # a failed run shuts Ray down
+        import ray.data  # noqa: F401
+
+        with (
+            console_errors_held("ray.data", [] if held is None else held),
+            ray_session(config.ray_address, config.verbose) as started_ray,
+        ):
             refuse_what_cannot_fit(config, inputs.model_dir)
             output.write_marker(output_config(config))
             pool = encoder_pool_size(config.num_encoders, started_ray)
             work = replace(config, model=inputs.model_dir, num_encoders=pool)
-            with console_errors_held("ray.data", [] if held is None else held):
-                chunks, counts = encode_all(work, output, plan, inputs.fmt, inputs.scan)
+            chunks, counts = encode_all(work, output, plan, inputs.fmt, inputs.scan)
             manifest = write_manifest(config, inputs.model_dir, output, chunks)
     return write_report(config, output, manifest, chunks, counts, time.perf_counter() - t0)
 
