@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from embedded.tiny_models import build_tiny_model
+from schemas.atomic import apply_umask
 
 SD_VAE = dict(
     in_channels=3,
@@ -106,6 +107,7 @@ def build_real_model(family: str, work: Path, device: torch.device) -> Path:
     for name, module in parts.items():
         shutil.rmtree(out / name)
         module.to(torch.float16).save_pretrained(out / name)  # fp16 on disk: half the bytes, same timings
+    apply_umask(out)
     (out / ".built").touch()
     return out
 

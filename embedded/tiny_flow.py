@@ -29,6 +29,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from embedded.synthetic import vocabulary
 from embedded.tiny_models import EOS, calibrate_vae, text_config, write_tokenizer
+from schemas.atomic import publish_dir
 
 FLOW_FAMILIES = ("sd3", "flux")
 # (scaling_factor, shift_factor) of the published VAEs: stabilityai/stable-diffusion-3.5-medium vae/config.json,
@@ -214,7 +215,7 @@ def build_tiny_flow_model(family: str, out_dir: Path, seed: int = 0, size: Size 
     parts["vae"] = _vae(family, seed)
     pipeline = StableDiffusion3Pipeline(**parts) if family == "sd3" else FluxPipeline(**parts)
     pipeline.save_pretrained(tmp)
-    tmp.rename(out_dir)
+    publish_dir(tmp, out_dir)
     return out_dir
 
 

@@ -32,6 +32,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from embedded.synthetic import COLOURS, OBJECTS, render_image, vocabulary
+from schemas.atomic import publish_dir
 
 FAMILIES = ("sd15", "sdxl")
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -271,7 +272,7 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)  # left over from a killed run
     tmp.parent.mkdir(parents=True, exist_ok=True)
     _assemble(family, tmp, seed)
-    tmp.rename(out_dir)
+    publish_dir(tmp, out_dir)
     return out_dir
 
 

@@ -109,6 +109,19 @@ def size(url: str | os.PathLike) -> int:
     return int(fs.size(path))
 
 
+def fingerprint(url: str | os.PathLike) -> dict[str, Any]:
+    """What tells a file changed in place: its size, and the object store's ETag where it gives one, else the
+    modification time (nanoseconds on local disk)."""
+    if not is_remote(url):
+        stat = os.stat(local_path(url))
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    fs, path = url_to_fs(url)
+    info = fs.info(path)
+    etag = info.get("ETag") or info.get("etag")
+    changed = {"etag": str(etag)} if etag else {"mtime": str(info.get("LastModified") or info.get("mtime"))}
+    return {"size": int(info["size"]), **changed}
+
+
 def list_names(url: str | os.PathLike) -> list[str]:
     """Sorted names directly below a directory (or key prefix); empty when it does not exist."""
     fs, path = url_to_fs(url)

@@ -14,38 +14,39 @@ locked, its config compared with an earlier run's, the files assigned to chunks)
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cluster.ray_session import ray_session
-from schemas import storage
+from schemas import failures, storage
 from schemas.config import EncodeConfig, parse_config
 from schemas.errors import InputError
-from schemas.families import FAMILIES
+from schemas.failures import EnvironmentFailure, console_errors_held, file_size_limit
+from schemas.families import Family
 from schemas.manifest import Report
-from schemas.sample import model_family
+from schemas.model_folder import resolve_model
 from stages.formats import PairFormat, get_format
 from stages.jobs import encode_all
+from stages.memory_fit import refuse_what_cannot_fit
 from stages.output_dir import OutputDir, normalised, output_config
 from stages.publish import write_manifest, write_report
 from stages.ray_driver import encoder_pool_size
 from stages.read_pairs import Prescan, prescan
 
-# what the encode loads from a hub model: configs, tokenizers and safetensors weights, never the UNet
-MODEL_SUBFOLDERS = (
-    "vae",
-    "text_encoder",
-    "text_encoder_2",
-    "text_encoder_3",
-    "tokenizer",
-    "tokenizer_2",
-    "tokenizer_3",
-)
-MODEL_PATTERNS = ["model_index.json"] + [
-    f"{sub}/*.{ext}" for sub in MODEL_SUBFOLDERS for ext in ("json", "txt", "model", "safetensors")
-]
+# the model folder's parts the encode loads, per family: the VAE, and the text encoders with their tokenizers
+TEXT_PARTS = {"sd15": 1, "sdxl": 2, "sd3": 3, "flux": 2}
+# a local cluster's logs, spill files and the encode's tars need files at least this large (`ulimit -f`)
+MIN_FILE_SIZE_LIMIT = 2**30
+
+
+def encode_parts(family: Family) -> tuple[str, ...]:
+    suffixes = ("", "_2", "_3")[: TEXT_PARTS[family.name]]
+    return ("vae", *(f"{kind}{s}" for s in suffixes for kind in ("text_encoder", "tokenizer")))
 
 
 def refuse_out_inside_src(config: EncodeConfig) -> None:
@@ -65,35 +66,32 @@ def refuse_out_inside_src(config: EncodeConfig) -> None:
             )
 
 
-def resolve_model(model: str) -> str:
-    """A local diffusers folder, or a hub id fetched into (or found in) the Hugging Face cache, as from_pretrained
-    does; returns the folder the stages load from (on a multi-node cluster it must be on shared storage)."""
-    if not Path(model).is_dir():
-        from huggingface_hub import constants, snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+def refuse_unwritable_out(config: EncodeConfig) -> None:
+    """A local --out that this user cannot create or write into fails now, not after the Ray cluster is up."""
+    if storage.is_remote(config.out):
+        return
+    path = Path(config.out)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        raise InputError(f"--out {config.out}: {path} is a file, not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(
+            f"--out {config.out}: {path} is not writable (permission denied, or a read-only file system)"
+        )
 
-        if Path(model).exists() or model.startswith(("/", ".")) or model.count("/") != 1:
-            raise InputError(f"--model {model}: no such model folder (nor a hub id like owner/name)")
-        try:
-            model_dir = snapshot_download(model, allow_patterns=MODEL_PATTERNS, ignore_patterns=["*.fp16.*"])
-        except LocalEntryNotFoundError as e:
-            why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
-            raise InputError(
-                f"--model {model}: no local folder of that name, and not in the Hugging Face cache "
-                f"({constants.HF_HUB_CACHE}) while offline: {why} ({type(e).__name__}). Download it once with "
-                "network access, or pass a local snapshot folder"
-            ) from e
-        except Exception as e:
-            # the hub client raises HTTP, connection and repository errors alike
-            raise InputError(
-                f"--model {model}: fetching it from the hub failed ({type(e).__name__}: {e})"
-            ) from e
-    else:
-        model_dir = model
-    for sub in ("vae", "text_encoder", "tokenizer"):
-        if not (Path(model_dir) / sub / ("vocab.json" if sub == "tokenizer" else "config.json")).is_file():
-            raise InputError(f"--model {model}: not a diffusers model folder (no {sub}/ in {model_dir})")
-    return str(Path(model_dir).resolve())
+
+def refuse_small_file_size_limit(config: EncodeConfig) -> None:
+    """Under a small `ulimit -f` the local cluster's processes die writing their logs, and Ray reports a GCS that
+    timed out; say what it is instead. A cluster that is joined has its own limits."""
+    limit = file_size_limit()
+    if limit is None or limit >= MIN_FILE_SIZE_LIMIT or config.ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    raise EnvironmentFailure(
+        f"the file-size limit (`ulimit -f`) is {limit} bytes: a local Ray cluster's logs and spill files need "
+        f"{MIN_FILE_SIZE_LIMIT // 2**20} MiB per file or more; raise it (`ulimit -f unlimited`) or join a cluster "
+        "with --ray-address"
+    )
 
 
 @dataclass(frozen=True)
@@ -108,12 +106,15 @@ class Inputs:
 
 
 def preflight(config: EncodeConfig) -> Inputs:
-    """Every check that can fail on the user's input, before anything is written: OUT outside SRC, the model, the
-    format and its columns, every input file (prescan), and at least one trainable row."""
+    """Every check that can fail on the user's input or this machine's limits, before anything is written: OUT
+    outside SRC and writable, `ulimit -f`, the model's parts and weight files, the format and its columns, every
+    input file (prescan), and at least one trainable row. (The memory fit needs the cluster: `run` checks it.)"""
     config = normalised(config)
     refuse_out_inside_src(config)
-    model_dir = resolve_model(config.model)
-    family = FAMILIES[model_family(model_dir)]
+    refuse_unwritable_out(config)
+    refuse_small_file_size_limit(config)
+    folder = resolve_model(config.model, encode_parts)
+    model_dir, family = str(folder.path), folder.family
     if config.max_sequence_length and not family.is_flow:
         raise InputError(
             f"--max-sequence-length applies to the T5-conditioned families (SD3, FLUX); --model {config.model} "
@@ -131,11 +132,12 @@ def preflight(config: EncodeConfig) -> Inputs:
     return Inputs(config, model_dir, fmt, files, scan)
 
 
-def run(config: EncodeConfig) -> Report | None:
+def run(config: EncodeConfig, held: list[str] | None = None) -> Report | None:
     """Encode `config.src` into `config.out`; None when OUT already holds every SRC file with the same config.
+    `held` collects Ray Data's error records, kept off the console for main's one-line report.
 
-    The config marker is only written once Ray is up and the work is planned, so a failed first attempt never
-    blocks a corrected rerun.
+    The config marker is only written once Ray is up, the work is planned and it fits the encoder actors' memory,
+    so a failed first attempt never blocks a corrected rerun.
     """
     t0 = time.perf_counter()
     inputs = preflight(config)
@@ -153,7 +155,15 @@ def run(config: EncodeConfig) -> Report | None:
             f"{output.root}",
             flush=True,
         )
-        with ray_session(config.ray_address, config.verbose) as started_ray:
+        # its console handler exists once it is imported; the hold also covers what Ray Data's threads log while
+        # a failed run shuts Ray down
+        import ray.data  # noqa: F401
+
+        with (
+            console_errors_held("ray.data", [] if held is None else held),
+            ray_session(config.ray_address, config.verbose) as started_ray,
+        ):
+            refuse_what_cannot_fit(config, inputs.model_dir)
             output.write_marker(output_config(config))
             pool = encoder_pool_size(config.num_encoders, started_ray)
             work = replace(config, model=inputs.model_dir, num_encoders=pool)
@@ -163,14 +173,28 @@ def run(config: EncodeConfig) -> Report | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when done, 2 for a user's mistake, 74 for an environment failure (schemas/failures.py), 130 when
+    interrupted; a traceback only for a bug."""
+    config, held = None, []
     try:
-        run(parse_config(EncodeConfig, argv, __doc__.split("\n")[0]))
+        config = parse_config(EncodeConfig, argv, __doc__.split("\n")[0])
+        run(config, held)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("encode: interrupted; the same command resumes where it stopped", file=sys.stderr)
         return 130
+    except Exception as e:
+        out = OutputDir(normalised(config).out) if config is not None else None
+        where, logs = (out.root, out.logs_dir) if out is not None else (".", tempfile.gettempdir())
+        code = failures.report(e, where, logs, "encode", held)
+        if code is None:
+            sys.stderr.write("".join(held))
+            raise
+        # the run is over: what Ray's threads log while the process exits would only bury the line
+        logging.getLogger("ray").setLevel(logging.CRITICAL)
+        return code
     return 0
 
 

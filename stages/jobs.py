@@ -32,6 +32,7 @@ from stages.output_dir import (
     commit_part,
     next_attempt,
     part_name,
+    source_fingerprints,
 )
 from stages.progress import RowCounter, RunCounts, count_rows
 from stages.ray_driver import model_stage
@@ -151,7 +152,9 @@ def encode_chunk(
     from stages.write_shards import ShardNames, ShardWriter, to_pair_samples
 
     part_dir, ckpt, drops_dir = output.chunk_dir(k), output.checkpoint_dir(k), output.drops_dir(k)
-    output.start_chunk(k, files)
+    # before the job reads them: a file changed while it runs is then told apart on the next run
+    sources = source_fingerprints(files)
+    output.start_chunk(k, files, sources)
     undo_half_moved_commits(ckpt)
     names = ShardNames(PAIRS, next_attempt(PAIRS, storage.list_names(part_dir) + storage.list_names(ckpt)))
     ckpt_fs, ckpt_path = storage.arrow_filesystem(ckpt)
@@ -208,7 +211,12 @@ def encode_chunk(
     return commit_part(
         part_dir,
         PAIR_MEMBERS,
-        {"files": files, "rows_read": rows_read, "dropped": dict(sorted(dropped.items()))},
+        {
+            "files": files,
+            "sources": sources,
+            "rows_read": rows_read,
+            "dropped": dict(sorted(dropped.items())),
+        },
     )
 
 

@@ -9,6 +9,7 @@ Layout of OUT (the trainer trusts only manifest.json, written last; nothing is e
   _drops/chunk_K/                    per-task records of rows dropped while decoding, merged into `_part.json`
   _encode_config.json                the config of the first run that got to work; a different config is an error
   .encode.lock                       (local OUT) held while an encode runs: a second encode on OUT exits with a message
+  _logs/                             (local OUT) the full traceback of a run stopped by an environment failure
   manifest.json, report.json
 
 Ray writes a part's tars straight to their final paths under names unique per run (`shard_name`); each tar is then
@@ -37,7 +38,7 @@ from schemas.sample import CHECKSUM, PAIR_META_EXT, TENSORS_EXT, read_tar
 if TYPE_CHECKING:
     from stages.read_pairs import Prescan
 
-PAIRS, TEXT, CHECKPOINTS, DROPS = "pairs", "text", "_checkpoints", "_drops"
+PAIRS, TEXT, CHECKPOINTS, DROPS, LOGS = "pairs", "text", "_checkpoints", "_drops", "_logs"
 CHUNK_PREFIX, TEXT_PART_PREFIX = "chunk_", "part_"
 CONFIG_MARKER = "_encode_config.json"
 LOCK_NAME = ".encode.lock"
@@ -166,6 +167,26 @@ def commit_part(part_dir: str, required: tuple[str, ...], info: dict[str, Any]) 
     return part
 
 
+def source_fingerprints(files: list[str]) -> dict[str, dict[str, Any]]:
+    """What a chunk's `_part.json` records of its input files, to tell on a rerun that one changed in place."""
+    return {f: storage.fingerprint(f) for f in files}
+
+
+def refuse_changed_sources(where: str, part: dict[str, Any]) -> None:
+    """A committed chunk's input file fixed in place (same name and row count, other content) would otherwise stay
+    published as encoded before: refused, naming the file. Chunks of versions that recorded nothing pass."""
+    for f, recorded in part.get("sources", {}).items():
+        now = storage.fingerprint(f)
+        if now != recorded:
+            detail = ", ".join(
+                f"{k} {recorded.get(k)} → {now.get(k)}" for k in sorted(now) if now[k] != recorded.get(k)
+            )
+            raise InputError(
+                f"{f} changed since {where} was encoded from it ({detail}): its published pairs no longer match "
+                "it; restore the file, or encode into another --out"
+            )
+
+
 def load_part(part_dir: str) -> dict[str, Any] | None:
     """A committed part's `_part.json`, or None when the part is not committed."""
     path = storage.join(part_dir, PART_INFO)
@@ -206,6 +227,10 @@ class OutputDir:
     @property
     def manifest(self) -> str:
         return self.join(MANIFEST_NAME)
+
+    @property
+    def logs_dir(self) -> str:
+        return self.join(LOGS)
 
     @property
     def marker(self) -> str:
@@ -305,14 +330,21 @@ class OutputDir:
                 raise InputError(
                     f"{where}: its files now hold {rows} rows, {part['rows_read']} when encoded; use another --out"
                 )
+            refuse_changed_sources(where, part)
             plan[k] = part["files"]
         for k in self._in_flight():
-            in_flight = storage.read_json(self.in_flight_record(k))["files"]
+            record = storage.read_json(self.in_flight_record(k))
+            in_flight = record["files"]
             assigned = {f for fs in plan.values() for f in fs}
-            if k not in plan and listed.issuperset(in_flight) and not assigned.intersection(in_flight):
+            if (
+                k not in plan
+                and listed.issuperset(in_flight)
+                and not assigned.intersection(in_flight)
+                and record.get("sources", {}) in ({}, source_fingerprints(in_flight))
+            ):
                 plan[k] = in_flight
             else:
-                # its files changed since it was killed: that chunk starts again
+                # its files changed (or were fixed in place) since it was killed: that chunk starts again
                 storage.remove(self.checkpoint_dir(k))
                 storage.remove(self.in_flight_record(k))
         assigned = {f for fs in plan.values() for f in fs}
@@ -326,13 +358,14 @@ class OutputDir:
         """K of every chunk of `plan` that is not committed yet."""
         return [k for k, _ in plan if self.chunk_part(k) is None]
 
-    def start_chunk(self, k: int, files: list[str]) -> None:
+    def start_chunk(self, k: int, files: list[str], sources: dict[str, dict[str, Any]]) -> None:
         """Before chunk K's job: without committed rows, whatever a killed run left in its directories is
-        unaccounted for and goes; its files are recorded, so a rerun after a kill resumes it with the same files."""
+        unaccounted for and goes; its files and their fingerprints are recorded, so a rerun after a kill resumes it
+        with the same files, unless one of them changed meanwhile."""
         if not storage.exists(self.checkpoint_dir(k)):
             storage.remove(self.chunk_dir(k))
             storage.remove(self.drops_dir(k))
-        storage.write_json(self.in_flight_record(k), {"files": files})
+        storage.write_json(self.in_flight_record(k), {"files": files, "sources": sources})
 
     def finish_chunk(self, k: int) -> None:
         """After chunk K is committed (or found committed): its checkpoint, record and drop files go; a kill between

@@ -181,7 +181,7 @@ def test_hub_id_that_cannot_be_fetched_says_why(synthetic_parquet: Path, tmp_pat
     r = cli([*args, "--model", "nobody/no-model"], env=closed)
     assert r.returncode == 2 and "the hub could not be reached" in r.stderr, r.stderr[-2000:]
     r = cli([*args, "--model", str(tmp_path / "no-such-folder")], env=cache)
-    assert r.returncode == 2 and "no such model folder" in r.stderr
+    assert r.returncode == 2 and "the local folder does not exist" in r.stderr
     assert not (tmp_path / "o").exists()
 
 
