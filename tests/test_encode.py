@@ -498,7 +498,7 @@ def test_ray_job_submit_on_two_nodes_mean_mode_no_flip_from_file_url_glob(
     synthetic_parquet: Path, tiny_sd15: Path, ray_cluster, tmp_path: Path
 ) -> None:
     """Through `ray job submit` (the job's log, what `ray job logs` shows, has the final progress line), from a
-    file:// glob, storing the mean only and no flipped views."""
+    file:// glob, storing the mean only and no flipped views, with the VAE and text encoder computing in bf16."""
     out = tmp_path / "o"
     src = f"file://{synthetic_parquet}/validation/*.parquet"
     args = [
@@ -512,6 +512,8 @@ def test_ray_job_submit_on_two_nodes_mean_mode_no_flip_from_file_url_glob(
         "--latent-mode",
         "mean",
         "--no-flip",
+        "--dtype",
+        "bf16",
     ]
     r = subprocess.run(
         [
@@ -540,3 +542,4 @@ def test_ray_job_submit_on_two_nodes_mean_mode_no_flip_from_file_url_glob(
     assert f"encode: {rows:,}/{rows:,} rows (100.0%)" in r.stdout, r.stdout[-3000:]
     metas = check_contract(out, rows_of(synthetic_parquet / "validation"), "sd15", "mean", False)
     assert all(m.label_0 in (0.0, 1.0) for m in metas.values())
+    assert Manifest.load(out).encode_config["dtype"] == "bf16"
