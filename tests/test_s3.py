@@ -147,7 +147,8 @@ def test_kill9_then_rerun_on_s3_publishes_exactly_the_same_rows(
     the rows of no committed checkpoint: its VAE sees exactly their images."""
     out = f"{s3_src.split('/snapshot')[0]}/encoded/killed"
     env = encode_env(ray_cluster, s3_server)
-    cmd = encode_cmd(s3_src, out, tiny_sd15, ray_cluster)
+    # one chunk of 10 tars (the rows, not the layout, are compared): room to kill between commits
+    cmd = [*encode_cmd(s3_src, out, tiny_sd15, ray_cluster), "--chunk-files", "3"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while proc.poll() is None and len(committed_checkpoints_in_flight(out)) < 2:
