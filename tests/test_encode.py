@@ -291,22 +291,34 @@ def test_two_fresh_encodes_publish_byte_identical_shards(
     assert a.shards == b.shards and a.text_shards == b.text_shards
 
 
+def input_images(src: Path) -> dict[int, tuple[bytes, bytes]]:
+    """ranking_id → (jpg_0, jpg_1) bytes, read from the input parquet, not through the encode."""
+    return {
+        int(r["ranking_id"]): (r["jpg_0"], r["jpg_1"])
+        for path in sorted(src.rglob("*.parquet"))
+        for r in pq.read_table(path, columns=["ranking_id", "jpg_0", "jpg_1"]).to_pylist()
+    }
+
+
+def distinct_images(
+    out: Path, rows: dict[int, tuple[bytes, bytes]], skip: frozenset[int] = frozenset()
+) -> int:
+    """Σ over the published chunks of the distinct images of their pairs (by bytes), leaving out the rows `skip`."""
+    distinct = 0
+    for part in sorted((out / "pairs").glob("chunk_*/_part.json")):
+        keys = {int(k) for k in json.loads(part.read_text())["keys"]} - skip
+        distinct += len({image for key in keys for image in rows[key]})
+    return distinct
+
+
 def test_each_image_of_a_chunk_goes_through_the_vae_once_per_view(sd15_out: Path, messy_src: Path) -> None:
     """`vae_images` counts the VAE's work: the distinct images (by their bytes, read from the input parquet, not
     through the encode) of each chunk's published pairs, plain and flipped, far fewer than the pairs' four slots.
     Every pair holding an image stores the same bytes for it."""
-    rows = {
-        int(r["ranking_id"]): (r["jpg_0"], r["jpg_1"])
-        for path in sorted(messy_src.rglob("*.parquet"))
-        for r in pq.read_table(path, columns=["ranking_id", "jpg_0", "jpg_1"]).to_pylist()
-    }
+    rows = input_images(messy_src)
     samples = read_samples(sd15_out)
-    distinct = 0
-    for part in sorted((sd15_out / "pairs").glob("chunk_*/_part.json")):
-        keys = json.loads(part.read_text())["keys"]
-        distinct += len({image for key in keys for image in rows[int(key)]})
     report = Report.load(sd15_out)
-    assert report.extra["vae_images"] == 2 * distinct < 0.7 * 4 * report.rows_written
+    assert report.extra["vae_images"] == 2 * distinct_images(sd15_out, rows) < 0.7 * 4 * report.rows_written
     stored: dict[str, bytes] = {}
     for sample in samples.values():
         meta = PairMeta.from_json_bytes(sample["json"])
@@ -402,32 +414,6 @@ def test_sdxl_keeps_ties_and_has_pooled(
     assert len(metas) == len(rows) and any(m.label_0 == 0.5 for m in metas.values())
 
 
-def test_mean_mode_no_flip_from_file_url_glob(
-    synthetic_parquet: Path, tiny_sd15: Path, ray_cluster, tmp_path
-) -> None:
-    src = f"file://{synthetic_parquet}/validation/*.parquet"
-    r = encode(
-        [
-            "--src",
-            src,
-            "--out",
-            str(tmp_path / "o"),
-            "--model",
-            str(tiny_sd15),
-            *FAST,
-            "--latent-mode",
-            "mean",
-            "--no-flip",
-            "--ray-address",
-            ray_cluster.address,
-        ],
-        ray_cluster,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    metas = check_contract(tmp_path / "o", rows_of(synthetic_parquet / "validation"), "sd15", "mean", False)
-    assert all(m.label_0 in (0.0, 1.0) for m in metas.values())
-
-
 def test_source_forms_list_the_same_files(messy_src: Path) -> None:
     data = messy_src / "data"
     (data / ".cache").mkdir()
@@ -458,9 +444,23 @@ def test_file_level_errors_name_file_and_column(
     assert not (tmp_path / "o").exists()
 
 
+def committed_ids(chunk_checkpoints: Path) -> frozenset[int]:
+    """The ranking_ids of Ray's committed row checkpoints of one chunk (`X.parquet`; `X.pending.parquet` is a write
+    in flight): the rows whose tar is complete."""
+    return frozenset(
+        int(i)
+        for path in chunk_checkpoints.glob("*.parquet")
+        if not path.name.endswith(".pending.parquet")
+        for i in pq.read_table(path).column("ranking_id").to_pylist()
+    )
+
+
 def test_kill9_then_rerun_publishes_exactly_the_same_rows(
     sd15_out: Path, messy_src: Path, tiny_sd15: Path, ray_cluster, tmp_path: Path
 ) -> None:
+    """Killed once chunk 0 has a committed row checkpoint but no _part.json; the rerun publishes the uninterrupted
+    run's rows and resumes row by row: its VAE sees exactly the images of the rows not committed (a rerun that
+    re-encoded the whole chunk would count the committed rows' images too)."""
     out = tmp_path / "o"
     args = [*messy_args(messy_src, out, tiny_sd15), "--ray-address", ray_cluster.address]
     env = {**ray_cluster.env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -471,30 +471,50 @@ def test_kill9_then_rerun_publishes_exactly_the_same_rows(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:  # kill while chunk 0 is being written: a tar exists in its directory, which has no _part.json yet
-        part = out / "pairs" / "chunk_00000"
-        while proc.poll() is None and not list(part.glob("*.tar")):
+    part, checkpoints = out / "pairs" / "chunk_00000", out / "_checkpoints" / "chunk_00000"
+    try:
+        while proc.poll() is None and not committed_ids(checkpoints):
             time.sleep(0.05)
         assert proc.poll() is None, "finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     assert not (out / "manifest.json").exists() and not (part / "_part.json").exists()
+    committed = committed_ids(checkpoints)
     r = encode(args, ray_cluster)
     assert r.returncode == 0, r.stderr[-3000:]
     got, want = read_samples(out), read_samples(sd15_out)
     assert sorted(got) == sorted(want)
-    attempts = {p.name.split("-")[1] for p in (out / "pairs" / "chunk_00000").glob("*.tar")}
+    attempts = {p.name.split("-")[1] for p in part.glob("*.tar")}
     assert "001" in attempts and attempts <= {"000", "001"}, (
         "a resumed run must not reuse the killed run's names"
     )
     assert Report.load(out).dropped == Report.load(sd15_out).dropped
+    rerun = Report.load(out).extra["vae_images"]
+    assert committed and rerun == 2 * distinct_images(out, input_images(messy_src), committed)
 
 
-def test_ray_job_submit_on_two_nodes(
+def test_ray_job_submit_on_two_nodes_mean_mode_no_flip_from_file_url_glob(
     synthetic_parquet: Path, tiny_sd15: Path, ray_cluster, tmp_path: Path
 ) -> None:
+    """Through `ray job submit` (the job's log, what `ray job logs` shows, has the final progress line), from a
+    file:// glob, storing the mean only and no flipped views, with the VAE and text encoder computing in bf16."""
     out = tmp_path / "o"
+    src = f"file://{synthetic_parquet}/validation/*.parquet"
+    args = [
+        "--src",
+        src,
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_sd15),
+        *FAST,
+        "--latent-mode",
+        "mean",
+        "--no-flip",
+        "--dtype",
+        "bf16",
+    ]
     r = subprocess.run(
         [
             str(Path(sys.executable).with_name("ray")),
@@ -508,7 +528,7 @@ def test_ray_job_submit_on_two_nodes(
             "python",
             "-m",
             "stages.encode",
-            *small_args(synthetic_parquet, out, tiny_sd15),
+            *args,
         ],
         cwd=REPO,
         env=ray_cluster.env,
@@ -518,8 +538,8 @@ def test_ray_job_submit_on_two_nodes(
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "succeeded" in r.stdout
-    rows = Report.load(
-        out
-    ).rows_written  # the job's log (what `ray job logs` shows) has the final progress line
+    rows = Report.load(out).rows_written
     assert f"encode: {rows:,}/{rows:,} rows (100.0%)" in r.stdout, r.stdout[-3000:]
-    check_contract(out, rows_of(synthetic_parquet / "validation"), "sd15", "moments", True)
+    metas = check_contract(out, rows_of(synthetic_parquet / "validation"), "sd15", "mean", False)
+    assert all(m.label_0 in (0.0, 1.0) for m in metas.values())
+    assert Manifest.load(out).encode_config["dtype"] == "bf16"

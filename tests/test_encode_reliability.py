@@ -61,19 +61,25 @@ def bad_src(kind: str, synthetic_parquet: Path, root: Path) -> tuple[Path, str]:
     raise AssertionError(kind)
 
 
-def test_other_column_types_are_cast(synthetic_parquet: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("label_type", [pa.string(), pa.int64()], ids=["numeric-strings", "integers"])
+def test_other_column_types_are_cast(
+    synthetic_parquet: Path, tmp_path: Path, label_type: pa.DataType
+) -> None:
     """Labels stored as numeric strings or integers and a dictionary-encoded caption (a pandas category) reach the
-    stages in the canonical types: what each Ray read task yields is `fmt.read`, checked here."""
+    stages in the canonical types: what each Ray read task yields is `fmt.read`, checked here. Ties are left out,
+    so every label is a whole number an int64 column stores as it is."""
     src = sorted((synthetic_parquet / "validation").glob("*.parquet"))[0]
     table = pq.read_table(src)
+    table = table.filter(pc.not_equal(table["label_0"], 0.5))
     odd = tmp_path / "odd.parquet"
-    labels = pc.cast(table["label_0"], pa.string())
+    labels = pc.cast(table["label_0"], label_type)
     pq.write_table(
         table.set_column(table.schema.get_field_index("label_0"), "label_0", labels).set_column(
             table.schema.get_field_index("caption"), "caption", pc.dictionary_encode(table["caption"])
         ),
         odd,
     )
+    assert pq.read_schema(odd).field("label_0").type == label_type
     fmt = get_format("pickapic", str(tmp_path))
     files = fmt.list_inputs()
     assert prescan(fmt, files, "drop").per_file[str(odd)].rows == len(table)
@@ -185,16 +191,33 @@ def test_hub_id_that_cannot_be_fetched_says_why(synthetic_parquet: Path, tmp_pat
     assert not (tmp_path / "o").exists()
 
 
-def test_reruns_concurrency_new_files_and_hub_id(
+def broken_vae_copy(model: Path, root: Path) -> Path:
+    """`model` with VAE weights that only fail once loaded (inside Ray, after the caption job has started)."""
+    broken = root / "broken"
+    shutil.copytree(model, broken)
+    for weights in (broken / "vae").glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    return broken
+
+
+def test_failed_first_run_then_reruns_concurrency_new_files_and_hub_id(
     synthetic_parquet: Path, tiny_sd15: Path, ray_cluster, tmp_path: Path
 ) -> None:
-    """One encode through a hub id in the HF cache; a second one on the same OUT meanwhile is refused; `--src dir/`
-    then has nothing to do; a new file (sorting first) becomes a new chunk; a removed file is an error."""
+    """A VAE that only fails once loaded (inside Ray) fails the first run after it got to work; the rerun with the
+    right model (a hub id in the HF cache) is not refused as a "different config", and a second encode on the same
+    OUT meanwhile is; `--src dir/` then has nothing to do; a new file (sorting first) becomes a new chunk; a removed
+    file, or one whose row count changed, is an error."""
     src, out = tmp_path / "src", tmp_path / "o"
     shutil.copytree(synthetic_parquet / "validation", src)
     env = {**ray_cluster.env, "HF_HUB_CACHE": str(hub_cache(tiny_sd15, tmp_path / "hub", "tiny/sd15"))}
-    args = ["--src", str(src), "--out", str(out), "--model", "tiny/sd15", *FAST, "--chunk-files", "2"]
-    args += ["--ray-address", ray_cluster.address]
+    common = ["--src", str(src), "--out", str(out), *FAST, "--chunk-files", "2"]
+    common += ["--ray-address", ray_cluster.address]
+    r = cli([*common, "--model", str(broken_vae_copy(tiny_sd15, tmp_path))], env=ray_cluster.env)
+    # work had started (the config marker is written), but no pair was committed
+    assert r.returncode != 0 and not (out / "manifest.json").exists()
+    assert (out / "_encode_config.json").exists() and not list((out / "pairs").glob("*/_part.json"))
+
+    args = [*common, "--model", "tiny/sd15"]
     first = subprocess.Popen(
         [sys.executable, "-m", "stages.encode", *args],
         cwd=REPO,
@@ -203,7 +226,9 @@ def test_reruns_concurrency_new_files_and_hub_id(
         stderr=subprocess.PIPE,
         text=True,
     )
-    while first.poll() is None and not (out / ".encode.lock").exists():
+    # the failed run left its lock file behind (unlocked): wait until the lock names this run's pid
+    lock = out / ".encode.lock"
+    while first.poll() is None and f"pid {first.pid} " not in (lock.read_text() if lock.exists() else ""):
         time.sleep(0.05)
     second = cli(args, env=env)
     _, stderr = first.communicate(timeout=600)
@@ -232,29 +257,36 @@ def test_reruns_concurrency_new_files_and_hub_id(
     )
     assert grown.num_samples > manifest.num_samples
 
-    (src / "a-new.parquet").unlink()
+    new_file = src / "a-new.parquet"
+    full = pq.read_table(new_file)
+    pq.write_table(full.slice(0, len(full) - 1), new_file)
+    r = cli(args, env=env)
+    changed = f"chunk_00002: its files now hold {len(full) - 1} rows, {len(full)} when encoded"
+    assert r.returncode == 2 and changed in r.stderr, r.stderr[-2000:]
+    assert Manifest.load(out) == grown
+
+    new_file.unlink()
     r = cli(args, env=env)
     assert r.returncode == 2 and "a-new.parquet, which --src no longer lists" in r.stderr, r.stderr[-2000:]
     assert Manifest.load(out) == grown
 
 
-def test_failed_first_run_does_not_block_the_corrected_rerun(
+def test_every_row_dropped_while_decoding_publishes_no_manifest(
     synthetic_parquet: Path, tiny_sd15: Path, ray_cluster, tmp_path: Path
 ) -> None:
-    """A VAE that only fails once loaded (inside Ray) fails the first run after its caption embeddings exist; the
-    rerun with the right model must not be refused as a "different config"."""
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_sd15, broken)
-    for weights in (broken / "vae").glob("*.safetensors"):
-        weights.write_bytes(b"not safetensors")
-    out = tmp_path / "o"
-    args = ["--src", str(synthetic_parquet / "validation"), "--out", str(out), *FAST]
-    args += ["--ray-address", ray_cluster.address]
-    r = cli([*args, "--model", str(broken)], env=ray_cluster.env)
-    assert r.returncode != 0 and not (out / "manifest.json").exists()
-    r = cli([*args, "--model", str(tiny_sd15)], env=ray_cluster.env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert Manifest.load(out).model == str(tiny_sd15)
+    """Rows the prescan accepts (numeric labels, captions, non-empty image bytes) whose jpg_0 does not decode: every
+    row is dropped inside Ray, and the encode exits 2 naming --src and the drops instead of publishing an empty
+    manifest."""
+    src, out = tmp_path / "src", tmp_path / "o"
+    src.mkdir()
+    first = sorted((synthetic_parquet / "validation").glob("*.parquet"))[0]
+    rows = pq.read_metadata(first).num_rows
+    with_column(first, src / first.name, "jpg_0", pa.array([b"not an image"] * rows, pa.binary()))
+    args = ["--src", str(src), "--out", str(out), "--model", str(tiny_sd15), *FAST]
+    r = cli([*args, "--ray-address", ray_cluster.address], env=ray_cluster.env)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"error: --src {src}: no trainable rows: every row was dropped" in r.stderr
+    assert "'undecodable_image'" in r.stderr and not (out / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)

@@ -38,8 +38,12 @@ def test_reference_scores_half_and_repeats(
     first = _run(capsys, *base, "--batch-size", "5")
     assert first["implicit_accuracy"] == 0.5 and first["reward_margin"] == 0.0 and first["num_pairs"] == 12
     assert first["policy_err_w"] == first["ref_err_w"] > 0
-    again = _run(capsys, *base, "--batch-size", "4")  # per-pair noise: batch size does not matter
-    assert again["ref_err_w"] == pytest.approx(first["ref_err_w"], rel=1e-6)
+    # per-pair noise: another batch size draws the same noise, and moves the errors by float rounding only
+    # (batched convolutions; 1e-8 relative measured), the README's "to float rounding"
+    again = _run(capsys, *base, "--batch-size", "4")
+    assert (
+        again == pytest.approx(first, rel=1e-7) and again["implicit_accuracy"] == first["implicit_accuracy"]
+    )
     assert _run(capsys, *base, "--batch-size", "5") == first
     other_seed = _run(capsys, *base, "--batch-size", "5", "--seed", "1")
     assert other_seed["ref_err_w"] != first["ref_err_w"]

@@ -25,8 +25,8 @@ from stages.encode_latents import LatentEncoder
 from stages.formats import CANONICAL_SCHEMA
 from tests.fixtures.image_zoo import official_tensor
 from tests.fixtures.zoo_encodes import R
+from tests.test_train import assert_scores_the_export
 from trainer.data import LatentPairStream
-from trainer.evaluate import evaluate, load_for_eval
 from trainer.train import main as train_main
 
 
@@ -143,9 +143,5 @@ def test_encode_output_trains_and_evaluates(
     trained = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "final" / "unet")
     base = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters(), strict=True))
-    models, policy = load_for_eval(str(tiny_sdxl), str(tmp_path / "run" / "final" / "unet"), None)
-    result = evaluate(models, policy, data, batch_size=4, max_pairs=6, draws=1)
-    assert result["num_pairs"] == 6 and 0.0 <= result["implicit_accuracy"] <= 1.0
-    assert (
-        result["policy_err_w"] != result["ref_err_w"]
-    )  # the trained policy is scored, not the reference twice
+    held_out = {k.removeprefix("eval_"): v for k, v in summary.items() if k.startswith("eval_")}
+    assert_scores_the_export(held_out, tiny_sdxl, tmp_path / "run", data, batch_size=4, max_pairs=6, draws=1)

@@ -1,5 +1,7 @@
 """Every input format through the real encode CLI on real files, with the winner/loser order checked by content:
-preferred images are red, the others blue, so each stored `w_mean` must be the VAE encoding of red."""
+preferred images are red, the others blue, so each stored `w_mean` must be the VAE encoding of red. Pick-a-Pic's
+own format is checked so by test_fidelity_encode (every stored w moment is the preferred image's, by label_0) on
+the zoo encodes, and its ties and drops by test_encode."""
 
 from __future__ import annotations
 
@@ -43,25 +45,6 @@ def labelled_rows() -> list[dict]:
             {"caption": f"a red thing {i}", "img0": image(first), "img1": image(second), "label": label}
         )
     return rows
-
-
-def write_pickapic(root: Path) -> str:
-    rows = [
-        {
-            "ranking_id": 100 + i,
-            "caption": r["caption"],
-            "jpg_0": r["img0"],
-            "jpg_1": r["img1"],
-            "label_0": r["label"],
-            "image_0_uid": f"u{i}a",
-            "image_1_uid": f"u{i}b",
-        }
-        for i, r in enumerate(labelled_rows())
-    ]
-    root.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows[:5]), root / "a.parquet")
-    pq.write_table(pa.Table.from_pylist(rows[5:]), root / "b.parquet")
-    return str(root)
 
 
 def write_preference_hub(root: Path) -> str:
@@ -117,7 +100,6 @@ def write_webdataset(root: Path) -> str:
 
 
 SOURCES = {
-    "pickapic": (write_pickapic, []),
     "preference": (write_preference_hub, []),
     "preference-labelled": (
         write_preference_labelled,

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import fsspec
+import pyarrow.parquet as pq
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
@@ -20,7 +21,7 @@ from accelerate.state import AcceleratorState, GradientState
 from schemas import storage
 from schemas.manifest import Manifest, Report
 from schemas.sample import pair_key
-from tests.test_encode import FAST, REPO, rows_of
+from tests.test_encode import FAST, REPO, input_images, rows_of
 from trainer import evaluate as evaluate_cli
 from trainer import train
 from trainer.data import LatentPairStream
@@ -138,28 +139,40 @@ def committed_checkpoints_in_flight(out: str) -> list[str]:
 
 
 def test_kill9_then_rerun_on_s3_publishes_exactly_the_same_rows(
-    s3_out: str, s3_src: str, s3_server, tiny_sd15: Path, ray_cluster
+    s3_out: str, s3_src: str, s3_server, tiny_sd15: Path, ray_cluster, synthetic_parquet: Path
 ) -> None:
-    """Killed once a tar's checkpoint is committed; then the state of a kill inside Ray's commit, which on S3 is a
-    copy and a delete, is made exact: each committed checkpoint gets back its pending twin. Ray's restart alone
-    deletes those tars and keeps their ids (CI lost 4 rows that way); the encode must re-encode them."""
+    """Killed once two tars' checkpoints are committed; then the state of a kill inside Ray's commit, which on S3
+    is a copy and a delete, is made exact: the first committed checkpoint gets back its pending twin. Ray's restart
+    alone deletes that tar and keeps its ids (CI lost 4 rows that way); the encode must re-encode them, and only
+    the rows of no committed checkpoint: its VAE sees exactly their images."""
     out = f"{s3_src.split('/snapshot')[0]}/encoded/killed"
     env = encode_env(ray_cluster, s3_server)
-    cmd = encode_cmd(s3_src, out, tiny_sd15, ray_cluster)
+    # one chunk of 10 tars (the rows, not the layout, are compared): room to kill between commits
+    cmd = [*encode_cmd(s3_src, out, tiny_sd15, ray_cluster), "--chunk-files", "3"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while proc.poll() is None and not committed_checkpoints_in_flight(out):
+        while proc.poll() is None and len(committed_checkpoints_in_flight(out)) < 2:
             time.sleep(0.05)
         assert proc.poll() is None, "finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     assert not storage.exists(storage.join(out, "manifest.json"))
-    committed = committed_checkpoints_in_flight(out)
-    assert committed, "no committed checkpoint was left to put in the middle of its commit"
-    for path in committed:
-        s3fs().copy(path, path.removesuffix(".parquet") + ".pending.parquet")
+    torn, *kept = sorted(committed_checkpoints_in_flight(out))
+    assert kept, "fewer than two committed checkpoints: one to tear, one to keep"
+    s3fs().copy(torn, torn.removesuffix(".parquet") + ".pending.parquet")
+    kept_ids = {
+        int(i)
+        for path in kept
+        for i in pq.read_table(path, filesystem=s3fs()).column("ranking_id").to_pylist()
+    }
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert pair_keys(out) == pair_keys(s3_out)
     assert Report.load(out).dropped == Report.load(s3_out).dropped
+    images = input_images(synthetic_parquet / "validation")
+    distinct = 0
+    for chunk in storage.list_names(storage.join(out, "pairs")):
+        keys = {int(k) for k in storage.read_json(storage.join(out, "pairs", chunk, "_part.json"))["keys"]}
+        distinct += len({image for key in keys - kept_ids for image in images[key]})
+    assert Report.load(out).extra["vae_images"] == 2 * distinct

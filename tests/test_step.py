@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from diffusers import StableDiffusionXLPipeline
 
 from schemas.config import TrainConfig
 from trainer.checkpoint import TrainState
@@ -166,9 +167,13 @@ def test_sft_step_is_one_pass_over_the_winners(family: str, request: pytest.Fixt
     noisy = trainer.models.scheduler.add_noise(batch["w_latents"], noise, timesteps)
     added = None
     if family == "sdxl":
-        # the default constant micro-conditioning: (R, R, 0, 0, R, R)
-        target_size = batch["w_time_ids"][:, 4:6]
-        time_ids = torch.cat([target_size, torch.zeros_like(target_size), target_size], dim=1)
+        # the default constant micro-conditioning, DiffusionDPO's (R, R, 0, 0, R, R): diffusers' own SDXL pipeline's
+        # time ids for an R x R image at the training resolution, uncropped
+        pipe = StableDiffusionXLPipeline.from_pretrained(model)
+        r = batch["w_latents"].shape[-1] * pipe.vae_scale_factor
+        time_ids = pipe._get_add_time_ids(
+            (r, r), (0, 0), (r, r), torch.float32, pipe.text_encoder_2.config.projection_dim
+        ).repeat(cfg.batch_size, 1)
         added = {"text_embeds": batch["pooled_prompt_embeds"], "time_ids": time_ids}
     with torch.no_grad():
         model_pred = before(noisy, timesteps, batch["prompt_embeds"], added_cond_kwargs=added).sample

@@ -3,6 +3,7 @@ the final weights are bit-identical to an uninterrupted run, and torchrun with 2
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -15,11 +16,12 @@ from typing import Any
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from schemas.storage import read_json
 from tests.test_train import FAST
-from trainer.data import LatentPairStream
+from trainer import train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +78,21 @@ def _kill_when(args: list[str], ready: Path) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+# run by torchrun: the keys of each rank's first 4 batches, read through the trainer's own training_batches
+RANK_KEYS = """
+import json, sys
+from pathlib import Path
+from schemas.config import TrainConfig, parse_config
+from trainer.train import make_accelerator, training_batches
+
+cfg = parse_config(TrainConfig, sys.argv[2:], "rank keys")
+accelerator = make_accelerator(cfg)
+batches = training_batches(cfg, accelerator, 0)
+keys = [k for _, batch in zip(range(4), batches) for k in batch["keys"]]
+Path(sys.argv[1], f"rank{accelerator.process_index}.json").write_text(json.dumps(keys))
+"""
+
+
 def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "final" / "unet" / "diffusion_pytorch_model.safetensors")
 
@@ -118,7 +135,9 @@ def test_sigkill_during_training_and_torn_save(tiny_sd15: Path, latent_sd15: Pat
     assert not list((torn / "checkpoints").glob("*.tmp"))
 
 
-def test_torchrun_two_cpu_processes(tiny_sd15: Path, latent_sd15: Path, tmp_path: Path) -> None:
+def test_torchrun_two_cpu_processes(
+    tiny_sd15: Path, latent_sd15: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _run(torchrun + _args(latent_sd15, tiny_sd15, full, "--checkpoints-total-limit", "0", "--max-steps", "4"))
@@ -137,13 +156,25 @@ def test_torchrun_two_cpu_processes(tiny_sd15: Path, latent_sd15: Path, tmp_path
         )
     )
     assert _same(full, resumed)
-    # the two ranks read disjoint pairs: the stream the trainer builds for each rank
-    keys = []
-    for rank in (0, 1):
-        stream = LatentPairStream(latent_sd15, batch_size=2, seed=0, rank=rank, world_size=2, num_workers=1)
-        batches = iter(stream)
-        keys.append({k for _ in range(4) for k in next(batches)["keys"]})
-    assert not keys[0] & keys[1]
+    # the two ranks read disjoint pairs: each rank's batches as training_batches gives them under torchrun
+    probe = tmp_path / "rank_keys.py"
+    probe.write_text(RANK_KEYS)
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
+    _run(
+        [
+            *torchrun,
+            str(probe),
+            str(ranks),
+            *_args(latent_sd15, tiny_sd15, tmp_path / "probe", "--max-steps", "4")[2:],
+        ]
+    )
+    keys = [set(json.loads((ranks / f"rank{rank}.json").read_text())) for rank in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) == 4 * 2 and not keys[0] & keys[1]
     # resuming with another world size is refused
-    proc = _launch(_args(latent_sd15, tiny_sd15, full, "--resume", "latest"), timeout=300)
-    assert proc.returncode != 0 and "world_size: checkpoint 2, now 1" in proc.stderr
+    try:
+        assert train.main(_args(latent_sd15, tiny_sd15, full, "--resume", "latest")[2:]) == 2
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert "world_size: checkpoint 2, now 1" in capsys.readouterr().err

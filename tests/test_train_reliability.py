@@ -162,19 +162,31 @@ def test_rerun_into_a_run_directory(
     assert json.loads(proc.stdout.strip().splitlines()[-1])["global_step"] == 6
 
 
-def test_a_second_trainer_on_the_same_directory_is_refused(
+def test_a_second_trainer_on_the_same_directory_is_refused_and_a_second_signal_stops_at_once(
     tiny_sd15: Path, latent_sd15: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "run"
+    """Then the first trainer gets SIGTERM and, once it has said so, SIGTERM again: it ends at once by the signal
+    (not exit 75 after the step), and no checkpoint is published."""
+    out, said = tmp_path / "run", ""
     first = start(cli(latent_sd15, tiny_sd15, out, "--max-steps", "100000"), out)
     try:
         second = run(cli(latent_sd15, tiny_sd15, out, "--max-steps", "100000", "--resume", "latest"))
         assert second.returncode == 2
         assert f"--output-dir {out} is in use by another trainer (pid {first.pid}" in second.stderr
-    finally:
         first.send_signal(signal.SIGTERM)
+        # the first signal is handled (its handler has restored the default action) before it says so
+        said = next((line for line in first.stderr if "received SIGTERM" in line), "")
+        assert "send it again to stop at once" in said
+        first.send_signal(signal.SIGTERM)
+    finally:
+        if first.poll() is None and not said:
+            first.kill()
         first.communicate(timeout=600)
-    assert first.returncode == EXIT_PREEMPTED
+    assert first.returncode == -signal.SIGTERM
+    published = (
+        [c for c in checkpoints(out) if not c.endswith(".tmp")] if (out / "checkpoints").is_dir() else []
+    )
+    assert published == []
 
 
 def test_a_killed_trainers_forked_children_do_not_hold_its_lock(tmp_path: Path) -> None:
