@@ -83,7 +83,7 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
     environment (AWS_*, FSSPEC_*) go to the workers with the job, so they reach the same object store; under
     `ray job submit` the job's own runtime environment decides instead. Unless `verbose`, Ray's INFO logging, the
     workers' output and Ray Data's per-operator bars stay off the console (errors still raise here): the job's own
-    progress line (stages/progress.py) reports instead.
+    progress line (cluster/progress.py) reports instead.
     """
     import ray
     from ray.data import DataContext

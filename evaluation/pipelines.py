@@ -63,11 +63,20 @@ def family_of(model: str | Path) -> Family:
     return FAMILIES[model_family(model)]
 
 
+def _part_config(model: str | Path, part: str) -> dict[str, Any]:
+    """`part`/config.json of a local folder, or of a hub id (the Hugging Face cache, or fetched)."""
+    path = Path(model) / part / "config.json"
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(str(model), "config.json", subfolder=part))
+    return json.loads(path.read_text())
+
+
 def default_resolution(model: str | Path) -> int:
     """The pipeline's default image side: the UNet's sample_size × the VAE's downsampling (512 SD1.5, 1024 SDXL)."""
-    unet = json.loads((Path(model) / "unet" / "config.json").read_text())
-    vae = json.loads((Path(model) / "vae" / "config.json").read_text())
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    vae_factor = 2 ** (len(_part_config(model, "vae")["block_out_channels"]) - 1)
+    return int(_part_config(model, "unet")["sample_size"]) * vae_factor
 
 
 def load_pipeline(

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from cluster.progress import RowProgress
 from schemas import storage
 from schemas.config import EncodeConfig
 from schemas.sample import EMPTY_CAPTION, caption_key
@@ -32,7 +33,7 @@ from stages.output_dir import (
     next_attempt,
     part_name,
 )
-from stages.progress import RowCounter, RowProgress, RunCounts, count_rows
+from stages.progress import RowCounter, RunCounts, count_rows
 from stages.ray_driver import model_stage
 from stages.read_pairs import Prescan
 

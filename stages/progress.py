@@ -1,22 +1,14 @@
-"""The encode's one progress line: rows done / total, rows/s and ETA across the whole job.
+"""What the encode counts while it runs: rows past the VAE (for the progress line, cluster/progress.py, which the
+prescan's totals feed) and images through it (for the report).
 
-Why: Ray Data's own bars count blocks per operator and show "Total Progress: 0/?" for the length of a chunk, so a
-multi-hour encode had no ETA. The prescan knows how many rows the job will encode; a pass-through step after the VAE
-tells a counter actor how many went through, and a driver thread turns that into one line: redrawn in place in a
-terminal, a plain new line every 30 s in a log file (`ray job logs`, CI), and a final exact line at the end.
+Why a pass-through step and a counter actor: the rows reach the driver only as written tars, so a step after the
+VAE tells an actor how many went through, and a driver thread polls it.
 """
 
 from __future__ import annotations
 
-import sys
-import threading
-import time
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, TextIO
-
-TERMINAL_INTERVAL_S = 1.0
-LOG_INTERVAL_S = 30.0
+from typing import Any
 
 
 class RowCounter:
@@ -53,78 +45,3 @@ def count_rows(batch: dict[str, Any], counter: Any) -> dict[str, Any]:
     """Pass-through pipeline step: tells the counter how many rows went through the VAE."""
     counter.add.remote(len(batch["ranking_id"]))
     return batch
-
-
-class RowProgress:
-    """One line for the whole job; `done` starts at the rows published by earlier runs, the rate counts only the
-    rows of this run. Other console lines go through `print` so they do not tear the line in a terminal."""
-
-    def __init__(self, total: int, done: int = 0, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
-        self.interval_s = TERMINAL_INTERVAL_S if self.tty else LOG_INTERVAL_S
-        self.total, self.first, self.done = total, done, done
-        self.start = self.last_shown = time.monotonic()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._watcher: threading.Thread | None = None
-        self._drawn = False
-
-    def line(self, now: float) -> str:
-        rate = (self.done - self.first) / max(now - self.start, 1e-9)
-        left = max(self.total - self.done, 0)
-        eta = str(timedelta(seconds=round(left / rate))) if rate > 0 else "?"
-        percent = 100.0 * self.done / self.total if self.total else 100.0
-        return f"encode: {self.done:,}/{self.total:,} rows ({percent:.1f}%), {rate:.1f} rows/s, ETA {eta}"
-
-    def update(self, done: int, *, final: bool = False, now: float | None = None) -> None:
-        """Record `done`; show the line once the interval has passed, and always when `final` (the count is
-        then exact: decode drops make it a little lower than the prescan's total, which becomes it)."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            self.done = done
-            if final:
-                self.total = done
-            elif now - self.last_shown < self.interval_s:
-                return
-            self.last_shown = now
-            if self.tty:
-                self.stream.write("\r\x1b[K" + self.line(now) + ("\n" if final else ""))
-                self._drawn = not final
-            else:
-                self.stream.write(self.line(now) + "\n")
-            self.stream.flush()
-
-    def print(self, text: str) -> None:
-        """A console line of its own; in a terminal the progress line is cleared first and redrawn below it."""
-        with self._lock:
-            if self._drawn:
-                self.stream.write("\r\x1b[K")
-            self.stream.write(text + "\n")
-            if self._drawn:
-                self.stream.write(self.line(time.monotonic()))
-            self.stream.flush()
-
-    def watch(self, counter: Any) -> None:
-        """Poll a `RowCounter` from a driver thread until `stop`; its rows add to those done before this run."""
-        import ray
-
-        def poll() -> None:
-            while not self._stop.wait(min(self.interval_s, TERMINAL_INTERVAL_S)):
-                self.update(self.first + ray.get(counter.count.remote()))
-
-        self._watcher = threading.Thread(target=poll, name="encode-progress", daemon=True)
-        self._watcher.start()
-
-    def finish(self, counter: Any) -> None:
-        """Stop polling and print the exact final line."""
-        import ray
-
-        self.stop()
-        self.update(self.first + ray.get(counter.count.remote()), final=True)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._watcher is not None:
-            self._watcher.join()
-            self._watcher = None

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cluster.progress import RowProgress
 from cluster.ray_session import default_pool_size
 from schemas.manifest import Manifest, Report
 from schemas.sample import (
@@ -33,7 +34,6 @@ from schemas.sample import (
 )
 from stages.encode import main
 from stages.input_files import list_files
-from stages.progress import RowProgress
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--resolution", "64", "--shard-size", "16", "--num-encoders", "1", "--encode-batch-size", "16"]

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from schemas.config import SDXL_TIME_IDS
+from schemas.errors import InputError
 from schemas.loss_table import default_beta
 from schemas.manifest import Manifest
 from schemas.storage import read_json
@@ -36,6 +37,7 @@ from trainer.model import (
     Models,
     denoiser_class,
     draw_eval_noise,
+    load_denoising,
     load_models,
     pair_errors,
     pair_forward,
@@ -43,6 +45,8 @@ from trainer.model import (
     to_device,
 )
 
+# the file name diffusers' save_lora_weights writes and the trainer's final/lora holds
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 METRICS = (
     "implicit_accuracy",
     "reward_margin",
@@ -205,50 +209,63 @@ def strict_json(result: dict[str, float]) -> str:
     )
 
 
+def check_policy_dirs(unet_dir: str | None, lora_dir: str | None) -> None:
+    """Raise InputError unless `--unet` is a denoiser folder (config.json) or a training checkpoint (state.json)
+    and `--lora` holds pytorch_lora_weights.safetensors, and not both are given: checked before anything loads."""
+    if unet_dir and lora_dir:
+        raise InputError("give --unet or --lora, not both")
+    if unet_dir and not any((Path(unet_dir) / f).is_file() for f in ("state.json", "config.json")):
+        raise InputError(
+            f"--unet {unet_dir}: neither a UNet folder (config.json) nor a training checkpoint (state.json)"
+        )
+    if lora_dir and not (Path(lora_dir) / LORA_WEIGHTS).is_file():
+        raise InputError(f"--lora {lora_dir}: no {LORA_WEIGHTS} there")
+
+
+def load_policy(
+    model: str, unet_dir: str | None, lora_dir: str | None, sdxl_time_ids: str = "constant"
+) -> Models:
+    """`Models` whose policy is `--unet` (a UNet folder or a training checkpoint), or the base `model` with `--lora`
+    adapters, or the base; the reference is left None (a LoRA policy's is its adapters disabled)."""
+    check_policy_dirs(unet_dir, lora_dir)
+    if unet_dir and (Path(unet_dir) / "state.json").is_file():
+        return _load_checkpoint_policy(model, Path(unet_dir), sdxl_time_ids)
+    if unet_dir:
+        denoising = load_denoising(model, sdxl_time_ids=sdxl_time_ids)
+        return Models(denoiser_class(denoising.family).from_pretrained(unet_dir), None, denoising)
+    base = load_models(model, need_reference=False, sdxl_time_ids=sdxl_time_ids)
+    if lora_dir:
+        base.policy.load_lora_adapter(str(lora_dir), prefix=base.family.denoiser, weight_name=LORA_WEIGHTS)
+    return base
+
+
 def load_for_eval(
     model: str, unet_dir: str | None, lora_dir: str | None, sdxl_time_ids: str = "constant"
 ) -> tuple[Models, torch.nn.Module]:
-    """Reference = the base UNet of `model`; policy = `--unet` (a UNet folder or a training checkpoint), or the
-    base with `--lora` adapters, or the base."""
-    if unet_dir and lora_dir:
-        raise SystemExit("error: give --unet or --lora, not both")
-    if unet_dir and (Path(unet_dir) / "state.json").is_file():
-        return _load_checkpoint_policy(model, Path(unet_dir), sdxl_time_ids)
-    if unet_dir and not (Path(unet_dir) / "config.json").is_file():
-        raise SystemExit(
-            f"error: --unet {unet_dir}: neither a UNet folder (config.json) nor a training checkpoint (state.json)"
-        )
-    base = load_models(model, need_reference=False, sdxl_time_ids=sdxl_time_ids)
-    if lora_dir:
-        weights = Path(lora_dir) / "pytorch_lora_weights.safetensors"
-        if not weights.is_file():
-            raise SystemExit(f"error: --lora {lora_dir}: no pytorch_lora_weights.safetensors there")
-        base.policy.load_lora_adapter(str(lora_dir), prefix=base.family.denoiser, weight_name=weights.name)
-        return base, base.policy
-    if unet_dir:
-        policy = denoiser_class(base.family).from_pretrained(unet_dir)
-        return Models(policy, base.policy, base.denoising), policy
-    return base, base.policy
+    """Reference = the base denoiser of `model` (a LoRA policy's: its adapters disabled); policy = `load_policy`'s."""
+    try:
+        models = load_policy(model, unet_dir, lora_dir, sdxl_time_ids)
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from e
+    if unet_dir and not models.is_lora:
+        reference = load_models(model, need_reference=False).policy.requires_grad_(False).eval()
+        models = Models(models.policy, reference, models.denoising)
+    return models, models.policy
 
 
-def _load_checkpoint_policy(model: str, path: Path, sdxl_time_ids: str) -> tuple[Models, torch.nn.Module]:
+def _load_checkpoint_policy(model: str, path: Path, sdxl_time_ids: str) -> Models:
     """A checkpoint holds only the trainable weights: rebuild the policy the run trained (LoRA rank and alpha from
     its state.json) on the base `model`, then load them."""
     config = read_json(path / "state.json").get("config", {})
-    lora_rank = int(config.get("lora_rank", 0))
     models = load_models(
         model,
-        lora_rank=lora_rank,
+        lora_rank=int(config.get("lora_rank", 0)),
         lora_alpha=config.get("lora_alpha"),
         need_reference=False,
         sdxl_time_ids=sdxl_time_ids,
     )
-    # full fine-tune: the checkpoint replaces every weight; the reference stays the base
-    if lora_rank == 0:
-        reference = load_models(model, need_reference=False).policy
-        models = Models(models.policy, reference.requires_grad_(False).eval(), models.denoising)
     load_trainable_weights(path, models.policy)
-    return models, models.policy
+    return models
 
 
 def trained_resolution(unet_dir: str | None) -> int | None:
