@@ -40,7 +40,7 @@ REPORT_FILE = "train_vae.json"
 class VaeTraining:
     """Every setting of one training run (recorded beside the weights)."""
 
-    steps: int = 600
+    steps: int = 500
     batch_size: int = 32
     lr: float = 2e-3
     kl_weight: float = 1e-6
