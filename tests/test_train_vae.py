@@ -69,9 +69,9 @@ def test_recalibration_keeps_the_decoded_images(trained: Path, synthetic_parquet
     vae = AutoencoderKL.from_pretrained(trained, subfolder="vae")
     with torch.no_grad():
         before = vae.decode(vae.encode(images).latent_dist.mean).sample
-        # scale the latent space by 3 and shift it, so the recalibration has something to undo
+        # z → 3z + 0.5 in the encoder, its inverse in post_quant_conv: the recalibration has something to undo
         vae.quant_conv.weight[:4] *= 3
-        vae.quant_conv.bias[:4] += 0.5
+        vae.quant_conv.bias[:4] = vae.quant_conv.bias[:4] * 3 + 0.5
         vae.post_quant_conv.bias -= (vae.post_quant_conv.weight.sum(dim=(2, 3)) * 0.5 / 3).sum(1)
         vae.post_quant_conv.weight /= 3
         recalibrate(vae, images)
