@@ -59,7 +59,9 @@ data/pretrain/.done: $(STAMP) embedded/synthetic.py
 	touch $@
 
 # Tiny random-init SD1.5/SDXL (embedded/tiny_models.py) and SD3/FLUX (embedded/tiny_flow.py) folders in diffusers
-# layout (models/.init/), whose denoisers are then pretrained on captioned images (configs/pretrain.toml) so that the
+# layout (models/.random/). Their VAEs are trained on the pretraining set's images (embedded/train_vae.py), so that
+# latents decode to images: models/.init/tiny-X = the random folder with the trained VAE, published by rename; every
+# set is encoded with it. Its denoiser is then pretrained on captioned images (configs/pretrain.toml) so that the
 # DPO reference already denoises the data and reads its caption, as a real base model does. models/tiny-X = the
 # init folder with the pretrained denoiser, published by rename; reruns start again from the same random init, so
 # the result depends only on the seeds and configs. The flow families' captions get 32 T5 tokens (they are short).
@@ -68,9 +70,13 @@ is_flow = $(filter $(FLOW_MODELS),$(1))
 denoiser = $(if $(call is_flow,$(1)),transformer,unet)
 encode_extra = --resolution 64 $(if $(call is_flow,$(1)),--max-sequence-length 32)
 models: $(foreach f,$(MODEL_FAMILIES),models/tiny-$(f)/.pretrained)
-models/.init/%/.built: $(STAMP) embedded/tiny_models.py embedded/tiny_flow.py
-	$(PY) -m embedded.$(if $(call is_flow,$*),tiny_flow,tiny_models) --out models/.init --family $(subst tiny-,,$*)
+models/.random/%/.built: $(STAMP) embedded/tiny_models.py embedded/tiny_flow.py
+	$(PY) -m embedded.$(if $(call is_flow,$*),tiny_flow,tiny_models) --out models/.random --family $(subst tiny-,,$*)
 	touch $@
+models/.init/%/.built: models/.random/%/.built data/pretrain/.done embedded/train_vae.py
+	rm -rf models/.init/$*.tmp && mkdir -p models/.init && cp -r models/.random/$* models/.init/$*.tmp
+	$(PY) -m embedded.train_vae --model models/.init/$*.tmp --images data/pretrain/train
+	touch models/.init/$*.tmp/.built && rm -rf models/.init/$* && mv models/.init/$*.tmp models/.init/$*
 data/encoded/%/train/manifest.json: models/.init/%/.built data/synthetic/.done
 	$(PY) -m stages.encode --src data/synthetic/train --out data/encoded/$*/train --model models/.init/$* \
 	  $(call encode_extra,$*)
@@ -95,13 +101,26 @@ train: $(STAMP)
 	$(PY) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) -m trainer.train --config $(CONFIG) \
 	  --data $(DATA) --model $(MODEL) --output-dir $(OUTPUT_DIR) $(if $(VAL_DATA),--val-data $(VAL_DATA)) $(TRAIN_ARGS)
 
-# Synthetic data → encode (train + validation) → DPO with configs/demo.toml → held-out accuracy, before and after.
+# Synthetic data → encode (train + validation) → DPO with configs/demo.toml → held-out accuracy, before and after;
+# then (SD1.5/SDXL) the held-out captions x DEMO_SEEDS images from the reference and from the DPO policy, scored by
+# the synthetic rule, the policy's win rate over the reference and RUN/report.html. The run's earlier images go first:
+# they were sampled from an earlier policy. (The validation split is one parquet file while DEMO_VAL_ROWS <= 500.)
+DEMO_RUN = runs/demo$(if $(filter-out sd15,$(FAMILY)),-$(FAMILY))
+DEMO_SEEDS ?= 4
+DEMO_SAMPLE = --model models/tiny-$(FAMILY) --out $(DEMO_RUN) --images-per-prompt $(DEMO_SEEDS) --dedup \
+  --prompts data/synthetic/validation/validation-00000-of-00001.parquet:caption
 demo: models/tiny-$(FAMILY)/.pretrained data/encoded/tiny-$(FAMILY)/train/manifest.json \
   data/encoded/tiny-$(FAMILY)/validation/manifest.json
 	$(PY) -m trainer.demo --config configs/demo.toml --data data/encoded/tiny-$(FAMILY)/train \
 	  --val-data data/encoded/tiny-$(FAMILY)/validation --defects data/synthetic/validation/loser_defects.json \
-	  --model models/tiny-$(FAMILY) --output-dir runs/demo$(if $(filter-out sd15,$(FAMILY)),-$(FAMILY)) \
-	  --overwrite-output-dir
+	  --model models/tiny-$(FAMILY) --output-dir $(DEMO_RUN) --overwrite-output-dir
+ifeq ($(call is_flow,tiny-$(FAMILY)),)
+	rm -rf $(DEMO_RUN)/{images.jsonl,scores.jsonl,report.html,reference,dpo}
+	$(PY) -m evaluation.sample $(DEMO_SAMPLE) --name reference
+	$(PY) -m evaluation.sample $(DEMO_SAMPLE) --name dpo --unet $(DEMO_RUN)/final/unet
+	$(PY) -m evaluation.score --images $(DEMO_RUN) --scorer rule
+	$(PY) -m evaluation.compare --images $(DEMO_RUN) --a reference --b dpo
+endif
 
 # The README's robustness table: the demo config on 5 preference-set seeds that did not tune its learning rate x 2
 # training-set sizes, against the one pretrained reference (resumable: finished runs are kept in

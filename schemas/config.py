@@ -389,6 +389,18 @@ class TrainConfig:
     report_to: str = option(
         "tensorboard", "accelerate tracker for metrics (tensorboard, wandb, …), or none", rule=Resume.APPLIED
     )
+    # sampling reads the policy and draws from its own generators: it never changes what the run trains
+    sample_every: int = option(
+        0,
+        "write a fixed-seed image grid of --sample-prompts at step 0 and every N steps (0: never)",
+        minimum=0,
+        rule=Resume.APPLIED,
+    )
+    sample_prompts: str | None = option(
+        None,
+        "prompts for --sample-every: a text file (one a line), a JSON list, or FILE.parquet:COLUMN",
+        rule=Resume.APPLIED,
+    )
 
     def __post_init__(self) -> None:
         problems = field_problems(self, optional=("model",) if self.data_only else ())
@@ -396,6 +408,8 @@ class TrainConfig:
             problems.append(f"--adamw-impl applies to --optimizer adamw only, not {self.optimizer}")
         if self.compile_mode != "default" and not self.compile:
             problems.append("--compile-mode needs --compile")
+        if bool(self.sample_every) != bool(self.sample_prompts):
+            problems.append("--sample-every and --sample-prompts go together")
         if self.sdpo_mu and self.loss not in SDPO_LOSSES:
             problems.append(f"--sdpo-mu wraps --loss {'/'.join(sorted(SDPO_LOSSES))} only, not {self.loss}")
         check(self, problems)

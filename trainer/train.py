@@ -42,6 +42,7 @@ from trainer.objective import Objective
 from trainer.optim import build_lr_scheduler, build_optimizer, effective_lr
 from trainer.preemption import EXIT_PREEMPTED, StopRequest
 from trainer.run_dir import TRACKER_DIR, Start, begin_run, lock_output_dir, model_id, preflight
+from trainer.samples import TrainingSamples
 from trainer.speed import attention_backend, compile_in_place, to_channels_last
 from trainer.step import Trainer, train_step
 
@@ -339,6 +340,7 @@ def claim_and_train(cfg: TrainConfig) -> int:
     SIGTERM/SIGINT turned into a stop after the current step (also while the models load)."""
     # the checks come before the Accelerator, which would itself fail on an unknown tracker with a traceback
     start = preflight(cfg, PartialState(cpu=_NO_GPU).num_processes)
+    samples = TrainingSamples.from_config(cfg)
     accelerator = make_accelerator(cfg)
     for line in start.notes:
         accelerator.print(line, file=sys.stderr)
@@ -350,15 +352,17 @@ def claim_and_train(cfg: TrainConfig) -> int:
             if accelerator.is_main_process:
                 begin_run(cfg, start.run_id, start.data)
             accelerator.wait_for_everyone()
-            return train_and_export(cfg, accelerator, start, stop)
+            return train_and_export(cfg, accelerator, start, stop, samples)
         finally:
             if lock is not None:
                 lock.close()
 
 
-def train_and_export(cfg: TrainConfig, accelerator: Accelerator, start: Start, stop: StopRequest) -> int:
-    """In the claimed output directory: build, resume, the loop (log / checkpoint / evaluate), the final export
-    and the JSON summary; returns the exit status."""
+def train_and_export(
+    cfg: TrainConfig, accelerator: Accelerator, start: Start, stop: StopRequest, samples: TrainingSamples
+) -> int:
+    """In the claimed output directory: build, resume, the loop (log / checkpoint / evaluate / sample), the final
+    export and the JSON summary; returns the exit status."""
     world = accelerator.num_processes
     trainer = build_trainer(cfg, accelerator, stop)
     state = resume(trainer, start)
@@ -383,6 +387,7 @@ def train_and_export(cfg: TrainConfig, accelerator: Accelerator, start: Start, s
     eval_result: dict[str, float] = {}
     exit_code = 0
     # closed also when a step or a checkpoint raises, so that an error line starts on a line of its own
+    samples.maybe(trainer, state.global_step)
     try:
         while state.global_step < cfg.max_steps:
             result = train_step(trainer, state, batches)
@@ -393,6 +398,7 @@ def train_and_export(cfg: TrainConfig, accelerator: Accelerator, start: Start, s
                 report_skip(trainer, state, progress)
             if should_log(cfg, state.global_step):
                 log_window(trainer, window, state, progress)
+            samples.maybe(trainer, state.global_step)
             preempted = result.stop and state.global_step < cfg.max_steps
             if should_checkpoint(cfg, state.global_step) or preempted:
                 checkpoint(trainer, state, start)
