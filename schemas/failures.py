@@ -14,6 +14,8 @@ bug. The full traceback of an environment failure goes to a log file the line na
   console_errors_held(logger, held)    a `with` block keeping a logger's ERROR records (Ray Data's task
                                        tracebacks) off the console, collected into `held` for report's log file
   file_size_limit() -> int|None        RLIMIT_FSIZE (`ulimit -f`) in bytes
+  environment_message(oserror)         `path: strerror` for an environment OSError, None for any other (the
+                                       trainer's and evaluate's line)
 """
 
 from __future__ import annotations
@@ -64,6 +66,14 @@ def file_size_limit() -> int | None:
     """This process's RLIMIT_FSIZE soft limit in bytes (`ulimit -f`), or None when unlimited."""
     soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     return None if soft == resource.RLIM_INFINITY else soft
+
+
+def environment_message(e: OSError) -> str | None:
+    """`path: what failed` for an OSError the environment caused (its own strerror, which may carry sizes), None for
+    any other (a bug keeps its traceback)."""
+    if e.errno not in _ERRNO_MEANING:
+        return None
+    return f"{e.filename}: {e.strerror}" if e.filename else str(e.strerror)
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:

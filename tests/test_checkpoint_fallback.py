@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.errors import EXIT_ENVIRONMENT, EXIT_INPUT
+from schemas.errors import EXIT_INPUT
+from schemas.failures import EXIT_ENVIRONMENT
 from tests.fixtures.cli_runs import (
     assert_one_error_line,
     assert_same_final_weights,

@@ -21,10 +21,9 @@ from schemas.manifest import Manifest
 from schemas.storage import read_json
 from tests.fixtures.damage import flip_byte, poison_pairs
 from trainer import demo, train
-from trainer.data import make_loader
+from trainer.data import make_loader, make_stream
 from trainer.evaluate import evaluate, load_for_eval
 from trainer.model import draw_noise, load_models, pair_errors, reference_errors
-from trainer.train import make_stream
 
 FAST = [
     "--batch-size",

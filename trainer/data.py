@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from schemas import storage
+from schemas.config import TrainConfig
 from schemas.errors import InputError
 from schemas.families import FAMILIES
 from schemas.manifest import MANIFEST_NAME, Manifest
@@ -396,3 +397,17 @@ def iter_eval_batches(
             off = torch.zeros(len(batch), dtype=torch.bool)
             yield collate(batch, off, off, None)
             done += len(batch)
+
+
+def make_stream(cfg: TrainConfig, rank: int, world_size: int, start_batch: int) -> LatentPairStream:
+    return LatentPairStream(
+        cfg.data,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=cfg.num_workers,
+        start_batch=start_batch,
+        caption_dropout=cfg.caption_dropout,
+        shards_in_flight=cfg.shards_in_flight,
+    )

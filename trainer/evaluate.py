@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from schemas.config import SDXL_TIME_IDS
-from schemas.errors import EXIT_ENVIRONMENT, EXIT_INPUT, InputError, environment_message
+from schemas.errors import EXIT_INPUT, InputError
+from schemas.failures import EXIT_ENVIRONMENT, environment_message
 from schemas.families import folder_family
 from schemas.loss_table import default_beta
 from schemas.manifest import Manifest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,9 @@ from accelerate import Accelerator
 
 if TYPE_CHECKING:
     from trainer.step import StepResult
+
+# how often a progress bar redraws: live in a terminal, a line every 30 s in a log file
+PROGRESS_INTERVAL_S = 0.1 if sys.stderr.isatty() else 30.0
 
 
 class MetricWindow:

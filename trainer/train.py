@@ -17,9 +17,7 @@ one line; 75 stopped by SIGTERM/SIGINT after writing a checkpoint (rerun with --
 from __future__ import annotations
 
 import itertools
-import json
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import asdict
 
@@ -29,14 +27,16 @@ from tqdm.auto import tqdm
 
 from schemas.config import TrainConfig
 from schemas.config_cli import parse_config
-from schemas.errors import EXIT_ENVIRONMENT, EXIT_INPUT, InputError, environment_message
+from schemas.errors import EXIT_INPUT, InputError
+from schemas.failures import EXIT_ENVIRONMENT, environment_message
 from schemas.loss_table import LOSSES, default_beta
 from schemas.manifest import Manifest
 from schemas.sample import TORCH_DTYPES
 from trainer.checkpoint import FINAL, TrainState, export_final, load_checkpoint, save_checkpoint
-from trainer.data import LatentPairStream, make_loader
+from trainer.data import make_loader, make_stream
+from trainer.data_only import run_data_only
 from trainer.evaluate import evaluate, strict_json
-from trainer.metrics import MetricWindow, RunClock
+from trainer.metrics import PROGRESS_INTERVAL_S, MetricWindow, RunClock
 from trainer.model import Models, denoiser_class, load_models, to_device
 from trainer.objective import Objective
 from trainer.optim import build_lr_scheduler, build_optimizer, effective_lr
@@ -49,65 +49,8 @@ from trainer.step import Trainer, train_step
 # accelerate only treats torchrun's processes as one CPU job (gloo) when told cpu=True
 _NO_GPU = not torch.cuda.is_available()
 # a terminal gets a live bar; a log file (CI, `ray job logs`) gets a line every 30 s instead of thousands of \r updates
-PROGRESS_INTERVAL_S = 0.1 if sys.stderr.isatty() else 30.0
 EXIT_DIVERGED = 3
 MIN_STEPS_FOR_FRACTION = 100
-
-
-def make_stream(cfg: TrainConfig, rank: int, world_size: int, start_batch: int) -> LatentPairStream:
-    return LatentPairStream(
-        cfg.data,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        rank=rank,
-        world_size=world_size,
-        num_workers=cfg.num_workers,
-        start_batch=start_batch,
-        caption_dropout=cfg.caption_dropout,
-        shards_in_flight=cfg.shards_in_flight,
-    )
-
-
-def run_data_only(cfg: TrainConfig) -> int:
-    """Time the input pipeline alone: max_steps batches, no model work. The first batch (worker start-up, first
-    shard group) is timed apart, so pairs/s is the steady state a long run sees."""
-    state = PartialState(cpu=_NO_GPU)
-    start = time.perf_counter()
-    batches = iter(make_loader(make_stream(cfg, state.process_index, state.num_processes, 0)))
-    pairs = len(next(batches)["keys"])
-    first_batch_s = time.perf_counter() - start
-    steady_start = time.perf_counter()
-    steady_pairs = 0
-    for _, batch in zip(
-        range(cfg.max_steps - 1),
-        tqdm(
-            batches,
-            total=cfg.max_steps - 1,
-            disable=not state.is_main_process,
-            mininterval=PROGRESS_INTERVAL_S,
-        ),
-        strict=False,
-    ):
-        steady_pairs += len(batch["keys"])
-    steady_s = time.perf_counter() - steady_start
-    pairs += steady_pairs
-    rate = steady_pairs / steady_s if steady_pairs else pairs / first_batch_s
-    result = {
-        "data_only": True,
-        "rank": state.process_index,
-        "batches": cfg.max_steps,
-        "pairs": pairs,
-        "first_batch_s": round(first_batch_s, 3),
-        "seconds": round(first_batch_s + steady_s, 3),
-        "pairs_per_s": round(rate, 2),
-    }
-    print(
-        f"data only: {pairs} pairs in {first_batch_s + steady_s:.2f}s; first batch after {first_batch_s:.2f}s, "
-        f"then {rate:.1f} pairs/s",
-        file=sys.stderr,
-    )
-    print(json.dumps(result))
-    return 0
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
