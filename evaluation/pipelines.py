@@ -73,10 +73,17 @@ def _part_config(model: str | Path, part: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+# FluxPipeline's default_sample_size: FluxTransformer2DModel's config has no sample_size
+_FLUX_SAMPLE_SIZE = 128
+
+
 def default_resolution(model: str | Path) -> int:
-    """The pipeline's default image side: the UNet's sample_size × the VAE's downsampling (512 SD1.5, 1024 SDXL)."""
+    """The pipeline's default image side: the denoiser's sample_size × the VAE's downsampling (512 SD1.5, 1024 SDXL,
+    SD3.5 and FLUX.1)."""
+    family = family_of(model)
     vae_factor = 2 ** (len(_part_config(model, "vae")["block_out_channels"]) - 1)
-    return int(_part_config(model, "unet")["sample_size"]) * vae_factor
+    sample_size = _part_config(model, family.denoiser).get("sample_size", _FLUX_SAMPLE_SIZE)
+    return int(sample_size) * vae_factor
 
 
 def load_pipeline(
@@ -87,8 +94,8 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> Any:
-    """The family's diffusers pipeline of the base `model` (from_pretrained), with `denoiser` (a UNet, LoRA-injected
-    or not) in place of the base's, `scheduler` (a --scheduler name) built from the base's scheduler config, on
+    """The family's diffusers pipeline of the base `model` (from_pretrained), with `denoiser` (a UNet or a
+    transformer, LoRA-injected or not) in place of the base's, `scheduler` (a --scheduler name) built from the base's scheduler config, on
     `device`. The parts loaded here get `dtype`; `denoiser` is used as it is, so give it the same dtype (a training
     policy stays where it is). No safety checker, no progress bar."""
     import diffusers

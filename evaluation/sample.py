@@ -45,14 +45,14 @@ from evaluation.prompts import read_prompts
 from evaluation.sample_job import Sampling
 from schemas.errors import InputError
 
-SAMPLED_FAMILIES = ("sd15", "sdxl")
-
 
 @dataclass(frozen=True)
 class Preset:
+    """A published sampling protocol, per family: a family it has no entry for is refused under it."""
+
     scheduler: str
-    steps: int
     # per family
+    steps: dict[str, int]
     guidance: dict[str, float]
     # per family; None: the pipeline's default (512 SD1.5, 1024 SDXL)
     resolution: dict[str, int] | None
@@ -62,13 +62,20 @@ class Preset:
 
 
 PRESETS = {
+    # SD3/FLUX: their diffusers pipelines' own defaults (StableDiffusion3Pipeline and FluxPipeline __call__: 28 steps,
+    # guidance 7.0 and 3.5), as no DPO paper on them publishes a sampling protocol
     "dpo": Preset(
-        "default", 50, {"sd15": 7.5, "sdxl": 5.0}, None, "fp16", "DiffusionDPO quick_samples.ipynb"
+        "default",
+        {"sd15": 50, "sdxl": 50, "sd3": 28, "flux": 28},
+        {"sd15": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5},
+        None,
+        "fp16",
+        "DiffusionDPO quick_samples.ipynb; SD3/FLUX: the diffusers pipelines' defaults",
     ),
     # Diffusion-SDPO writes CFG 7.5 as cond + 7.5·(cond − uncond): diffusers' guidance_scale 8.5
     "sdpo": Preset(
         "euler",
-        50,
+        {"sd15": 50, "sdxl": 50},
         {"sd15": 8.5, "sdxl": 8.5},
         {"sd15": 512, "sdxl": 1024},
         "bf16",
@@ -81,10 +88,18 @@ IMAGE_SETTINGS = ("model", "unet", "lora", "scheduler", "steps", "guidance", "re
 
 def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="base model folder or hub id (SD1.5 or SDXL pipeline)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="base model folder or hub id (an SD1.5, SDXL, SD3/SD3.5 or FLUX.1 pipeline)",
+    )
     policy = parser.add_mutually_exclusive_group()
     policy.add_argument(
-        "--unet", help="a trained UNet folder (RUN/final/unet) or a checkpoint (RUN/checkpoints/step_N)"
+        "--unet",
+        "--transformer",
+        dest="unet",
+        help="a trained denoiser folder (RUN/final/unet, RUN/final/transformer) or a checkpoint "
+        "(RUN/checkpoints/step_N)",
     )
     policy.add_argument("--lora", help="a LoRA folder saved by the trainer (RUN/final/lora)")
     parser.add_argument(
@@ -160,12 +175,13 @@ def settings_of(args: argparse.Namespace, num_prompts: int) -> dict[str, Any]:
             f"--model {args.model}: no such local folder, and the hub id's model_index.json cannot be read "
             f"({type(e).__name__}: {e}); with HF_HUB_OFFLINE=1, download it once with network access"
         ) from e
-    if family not in SAMPLED_FAMILIES:
-        raise InputError(
-            f"--model {args.model}: a {family} pipeline; evaluation.sample samples {SAMPLED_FAMILIES}"
-        )
     check_policy_dirs(args.unet, args.lora, family)
     preset = PRESETS[args.preset]
+    if family not in preset.steps:
+        raise InputError(
+            f"--preset {args.preset}: defined for {', '.join(preset.steps)} only (its source: {preset.source}); "
+            f"--model {args.model} is a {family} pipeline: use --preset dpo (its pipeline's defaults)"
+        )
     scheduler = args.scheduler or preset.scheduler
     scheduler_class(scheduler)
     resolution = args.resolution or (preset.resolution or {}).get(family) or default_resolution(args.model)
@@ -178,7 +194,7 @@ def settings_of(args: argparse.Namespace, num_prompts: int) -> dict[str, Any]:
         "preset": args.preset,
         "preset_source": preset.source,
         "scheduler": scheduler,
-        "steps": args.steps or preset.steps,
+        "steps": args.steps or preset.steps[family],
         "guidance": args.guidance if args.guidance is not None else preset.guidance[family],
         "resolution": resolution,
         "dtype": args.dtype,
