@@ -102,7 +102,8 @@ def recalibrate(vae, images: torch.Tensor) -> dict[str, float]:
     dist = vae.encode(images).latent_dist
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
     m = dist.mean.mean(dim=(0, 2, 3))
-    a = 1.0 / (scale * dist.mean.std().item())
+    # the std once centred per channel: what the map leaves of the latents' spread
+    a = 1.0 / (scale * (dist.mean - m[None, :, None, None]).std().item())
     before = {
         "latent_std": scale * dist.mean.std().item(),
         "posterior_std": scale * dist.std.mean().item(),

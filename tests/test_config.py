@@ -187,6 +187,8 @@ RESUMABLE_BEFORE = (
 # fields added since, with the rule they state
 VAE_SPEED_OPTIONS = {"vae_channels_last", "vae_compile"}
 SPEED_OPTIONS = ("compile", "compile_mode", "channels_last", "adamw_impl", "attention_backend")
+# added since: images of the policy while it trains (trainer/samples.py), which never touch its draws
+SAMPLE_OPTIONS = ("sample_every", "sample_prompts")
 NOT_COMPARED_BEFORE = (
     "output_dir",
     "resume",
@@ -227,12 +229,14 @@ def test_the_rules_give_the_lists_they_replaced() -> None:
         set(keys_with(EncodeConfig, Rerun.OUTPUT))
         == {f.name for f in fields(EncodeConfig)} - RUNTIME_KEYS_BEFORE - VAE_SPEED_OPTIONS
     )
-    assert set(keys_with(TrainConfig, Resume.APPLIED)) == set(RESUMABLE_BEFORE + SPEED_OPTIONS)
+    assert set(keys_with(TrainConfig, Resume.APPLIED)) == set(
+        RESUMABLE_BEFORE + SPEED_OPTIONS + SAMPLE_OPTIONS
+    )
     assert set(keys_with(TrainConfig, Resume.NOT_COMPARED)) == set(NOT_COMPARED_BEFORE)
     assert checkpoint.TOPOLOGY_KEYS == TOPOLOGY_KEYS_BEFORE
     # everything else was refused on resume
     rest = {f.name for f in fields(TrainConfig)} - set(
-        RESUMABLE_BEFORE + SPEED_OPTIONS + NOT_COMPARED_BEFORE + TOPOLOGY_KEYS_BEFORE
+        RESUMABLE_BEFORE + SPEED_OPTIONS + SAMPLE_OPTIONS + NOT_COMPARED_BEFORE + TOPOLOGY_KEYS_BEFORE
     )
     assert set(keys_with(TrainConfig, Resume.REFUSED)) == rest
     cfg = TrainConfig(data="d", model="m", batch_size=3, num_workers=5)

@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from cluster.ray_session import _proc_table, descendants
 from schemas.manifest import Manifest
@@ -192,11 +194,13 @@ def test_hub_id_that_cannot_be_fetched_says_why(synthetic_parquet: Path, tmp_pat
 
 
 def broken_vae_copy(model: Path, root: Path) -> Path:
-    """`model` with VAE weights that only fail once loaded (inside Ray, after the caption job has started)."""
+    """`model` with VAE weights that only fail once loaded (inside Ray, after the caption job has started): a whole
+    safetensors file, so the encode's up-front check of the weight files passes, whose tensors have the wrong shapes
+    for vae/config.json."""
     broken = root / "broken"
     shutil.copytree(model, broken)
     for weights in (broken / "vae").glob("*.safetensors"):
-        weights.write_bytes(b"not safetensors")
+        save_file({name: torch.zeros(1) for name in load_file(weights)}, weights)
     return broken
 
 

@@ -117,8 +117,8 @@ def test_sigkill_during_training_and_torn_save(tiny_sd15: Path, latent_sd15: Pat
     assert _same(straight, crashed)
 
     # A save that dies half-way: the kernel refuses to let model.safetensors of step 4 grow past half its size
-    # (RLIMIT_FSIZE, 'File too large'), so the run stops inside save_checkpoint, leaving step_00000004.tmp
-    # unpublished; the resume ignores it.
+    # (RLIMIT_FSIZE, 'File too large'), so the run stops inside save_checkpoint: one line, exit 74, and the
+    # half-written step_00000004.tmp is removed, never published.
     torn = tmp_path / "torn"
     step2 = straight / "checkpoints" / "step_00000002"
     shutil.copytree(step2, torn / "checkpoints" / "step_00000002")
@@ -127,9 +127,15 @@ def test_sigkill_during_training_and_torn_save(tiny_sd15: Path, latent_sd15: Pat
         _args(latent_sd15, tiny_sd15, torn, "--resume", "latest"),
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
     )
-    assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
-    assert (torn / "checkpoints" / "step_00000004.tmp").is_dir()  # the torn save: a .tmp, never published
+    assert proc.returncode == 74 and "File too large" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
     assert not (torn / "checkpoints" / "step_00000004").exists()
+    assert not (torn / "checkpoints" / "step_00000004.tmp").exists()
+    # what a SIGKILL inside that save leaves instead: a .tmp with a truncated model file; the resume ignores it
+    half = torn / "checkpoints" / "step_00000004.tmp"
+    shutil.copytree(step2, half)
+    with open(half / "model.safetensors", "r+b") as f:
+        f.truncate(limit)
     _run(_args(latent_sd15, tiny_sd15, torn, "--resume", "latest"))
     assert _same(straight, torn)
     assert not list((torn / "checkpoints").glob("*.tmp"))
