@@ -37,7 +37,9 @@ def test_sampling_leaves_the_run_bit_identical(tiny_sd15: Path, latent_sd15: Pat
     # step 0 is the reference: the base model's own pipeline, each prompt's image from its seed
     pipe = load_pipeline(tiny_sd15)
     seeds = [image_seed(0, i, 0) for i in range(len(PROMPTS))]
-    reference = grid(generate(pipe, PROMPTS, seeds, steps=PRESETS[PRESET].steps, guidance=7.5, resolution=64))
+    reference = grid(
+        generate(pipe, PROMPTS, seeds, steps=PRESETS[PRESET].steps["sd15"], guidance=7.5, resolution=64)
+    )
     step_0 = Image.open(samples / "step_0.png")
     assert step_0.size == (2 * 64, 2 * 64)
     assert np.array_equal(np.asarray(step_0), np.asarray(reference))

@@ -28,6 +28,8 @@ from schemas.errors import InputError
 from schemas.manifest import Manifest
 
 SAMPLES_DIR = "samples"
+# the families training-time sampling is tested on (evaluation.sample also samples SD3/FLUX)
+SAMPLED_FAMILIES = ("sd15", "sdxl")
 # DiffusionDPO's sampling settings: the pipeline's own scheduler, 50 steps, its CFG per family
 PRESET = "dpo"
 
@@ -57,7 +59,6 @@ class TrainingSamples:
         if not cfg.sample_every:
             return cls(cfg, [])
         from evaluation.prompts import read_prompts
-        from evaluation.sample import SAMPLED_FAMILIES
 
         family = Manifest.load(cfg.data).model_family
         if family not in SAMPLED_FAMILIES:
@@ -111,7 +112,7 @@ class TrainingSamples:
                 self._pipe,
                 self.prompts,
                 seeds,
-                steps=preset.steps,
+                steps=preset.steps[trainer.family],
                 guidance=preset.guidance[trainer.family],
                 resolution=resolution,
             )
