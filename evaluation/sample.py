@@ -37,13 +37,13 @@ from evaluation.pipelines import (
     DTYPES,
     SCHEDULERS,
     default_resolution,
-    family_of,
     image_seed,
     scheduler_class,
 )
 from evaluation.prompts import read_prompts
 from evaluation.sample_job import Sampling
 from schemas.errors import InputError
+from schemas.model_folder import pipeline_parts, resolve_model
 
 
 @dataclass(frozen=True)
@@ -156,25 +156,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--guidance {args.guidance}: must be at least 0")
     if not MODEL_NAME.fullmatch(args.name):
         raise InputError(f"--name {args.name!r}: letters, digits and . _ + - only, not starting with . _ + -")
-    model = Path(args.model)
-    looks_local = model.is_absolute() or args.model.startswith(".") or args.model.count("/") > 1
-    if (looks_local or model.exists()) and not (model / "model_index.json").is_file():
-        raise InputError(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json)")
 
 
 def settings_of(args: argparse.Namespace, num_prompts: int) -> dict[str, Any]:
     """Every setting of the run, the preset's where no flag overrides it; `dtype` None until the cluster is known."""
     from trainer.evaluate import check_policy_dirs
 
-    try:
-        family = family_of(args.model).name
-    except InputError:
-        raise
-    except Exception as e:  # the hub client raises HTTP, connection and cache errors alike
-        raise InputError(
-            f"--model {args.model}: no such local folder, and the hub id's model_index.json cannot be read "
-            f"({type(e).__name__}: {e}); with HF_HUB_OFFLINE=1, download it once with network access"
-        ) from e
+    folder = resolve_model(args.model, pipeline_parts)
+    if not (folder.path / "model_index.json").is_file():
+        raise InputError(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json)")
+    family = folder.family.name
     check_policy_dirs(args.unet, args.lora, family)
     preset = PRESETS[args.preset]
     if family not in preset.steps:

@@ -14,8 +14,8 @@ bug. The full traceback of an environment failure goes to a log file the line na
   console_errors_held(logger, held)    a `with` block keeping a logger's ERROR records (Ray Data's task
                                        tracebacks) off the console, collected into `held` for report's log file
   file_size_limit() -> int|None        RLIMIT_FSIZE (`ulimit -f`) in bytes
-  environment_message(oserror)         `path: strerror` for an environment OSError, None for any other (the
-                                       trainer's and evaluate's line)
+  environment_exit(oserror, advice)    `error: path: strerror` + advice and EXIT_ENVIRONMENT for an environment
+                                       OSError, re-raised otherwise (the trainer's and evaluate's line)
 """
 
 from __future__ import annotations
@@ -68,12 +68,14 @@ def file_size_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def environment_message(e: OSError) -> str | None:
-    """`path: what failed` for an OSError the environment caused (its own strerror, which may carry sizes), None for
-    any other (a bug keeps its traceback)."""
+def environment_exit(e: OSError, advice: str = "") -> int:
+    """Print an OSError the environment caused as one `error: path: what failed` line (its own strerror, which may
+    carry sizes) followed by `advice`, and return EXIT_ENVIRONMENT; any other OSError is a bug and is re-raised."""
     if e.errno not in _ERRNO_MEANING:
-        return None
-    return f"{e.filename}: {e.strerror}" if e.filename else str(e.strerror)
+        raise e
+    message = f"{e.filename}: {e.strerror}" if e.filename else str(e.strerror)
+    print(f"error: {message}{advice}", file=sys.stderr)
+    return EXIT_ENVIRONMENT
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:

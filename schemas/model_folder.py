@@ -17,6 +17,8 @@ from schemas.errors import InputError
 from schemas.families import FAMILIES, Family, folder_family
 
 # the file that makes a subfolder a loadable part (tokenizers vary: any file will do)
+# text encoders (text_encoder, text_encoder_2, ...) of each family's pipeline
+TEXT_ENCODERS = {"sd15": 1, "sdxl": 2, "sd3": 3, "flux": 2}
 PART_CONFIG = {"scheduler": "scheduler_config.json"}
 NETWORK_CONFIG = "config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -33,6 +35,17 @@ class ModelFolder:
 def denoiser_parts(family: Family) -> tuple[str, ...]:
     """What training and evaluation load: the noise schedule and the denoiser."""
     return ("scheduler", family.denoiser)
+
+
+def encode_parts(family: Family) -> tuple[str, ...]:
+    """What the encode loads: the VAE, and the text encoders with their tokenizers."""
+    suffixes = ("", "_2", "_3")[: TEXT_ENCODERS[family.name]]
+    return ("vae", *(f"{kind}{s}" for s in suffixes for kind in ("text_encoder", "tokenizer")))
+
+
+def pipeline_parts(family: Family) -> tuple[str, ...]:
+    """What sampling loads: the whole text-to-image pipeline."""
+    return (*denoiser_parts(family), *encode_parts(family))
 
 
 def looks_like_path(model: str) -> bool:

@@ -27,9 +27,8 @@ from schemas import failures, storage
 from schemas.config import EncodeConfig, parse_config
 from schemas.errors import InputError
 from schemas.failures import EnvironmentFailure, console_errors_held, file_size_limit
-from schemas.families import Family
 from schemas.manifest import Report
-from schemas.model_folder import resolve_model
+from schemas.model_folder import encode_parts, resolve_model
 from stages.formats import PairFormat, get_format
 from stages.jobs import encode_all
 from stages.memory_fit import refuse_what_cannot_fit
@@ -38,15 +37,8 @@ from stages.publish import write_manifest, write_report
 from stages.ray_driver import encoder_pool_size
 from stages.read_pairs import Prescan, prescan
 
-# the model folder's parts the encode loads, per family: the VAE, and the text encoders with their tokenizers
-TEXT_PARTS = {"sd15": 1, "sdxl": 2, "sd3": 3, "flux": 2}
 # a local cluster's logs, spill files and the encode's tars need files at least this large (`ulimit -f`)
 MIN_FILE_SIZE_LIMIT = 2**30
-
-
-def encode_parts(family: Family) -> tuple[str, ...]:
-    suffixes = ("", "_2", "_3")[: TEXT_PARTS[family.name]]
-    return ("vae", *(f"{kind}{s}" for s in suffixes for kind in ("text_encoder", "tokenizer")))
 
 
 def refuse_out_inside_src(config: EncodeConfig) -> None:

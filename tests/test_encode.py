@@ -455,6 +455,17 @@ def committed_ids(chunk_checkpoints: Path) -> frozenset[int]:
     )
 
 
+def start_quiet_encode(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """The encode CLI as its own process (one thread, output discarded), for a test to kill while it runs."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.encode", *args],
+        cwd=REPO,
+        env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def test_kill9_then_rerun_publishes_exactly_the_same_rows(
     sd15_out: Path, messy_src: Path, tiny_sd15: Path, ray_cluster, tmp_path: Path
 ) -> None:
@@ -463,14 +474,7 @@ def test_kill9_then_rerun_publishes_exactly_the_same_rows(
     re-encoded the whole chunk would count the committed rows' images too)."""
     out = tmp_path / "o"
     args = [*messy_args(messy_src, out, tiny_sd15), "--ray-address", ray_cluster.address]
-    env = {**ray_cluster.env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stages.encode", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_quiet_encode(args, ray_cluster.env)
     part, checkpoints = out / "pairs" / "chunk_00000", out / "_checkpoints" / "chunk_00000"
     try:
         while proc.poll() is None and not committed_ids(checkpoints):

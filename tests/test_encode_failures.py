@@ -26,7 +26,7 @@ from schemas.failures import EXIT_ENVIRONMENT, describe
 from schemas.manifest import Manifest
 from schemas.sample import caption_key
 from stages.ray_driver import MAX_ACTOR_RESTARTS
-from tests.test_encode import FAST, REPO, read_samples, small_args
+from tests.test_encode import FAST, REPO, read_samples, small_args, start_quiet_encode
 from tests.test_encode_checks import mounted_tmpfs
 from tests.test_encode_reliability import cli
 
@@ -164,14 +164,7 @@ def test_chunk_in_flight_with_a_source_fixed_meanwhile_starts_again(
     shutil.copytree(synthetic_parquet / "validation", src)
     args = ["--src", str(src), "--out", str(out), "--model", str(tiny_sd15), *FAST, "--shard-size", "2"]
     args += ["--ray-address", ray_cluster.address]
-    env = {**ray_cluster.env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stages.encode", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_quiet_encode(args, ray_cluster.env)
     ckpt = out / "_checkpoints" / "chunk_00000"
     first = sorted(src.glob("*.parquet"))[0]
     fixed_row = pq.read_table(first, columns=["ranking_id"])["ranking_id"][0].as_py()

@@ -285,8 +285,8 @@ def test_prompt_files(tmp_path: Path) -> None:
         (["--scheduler", "bogus"], "--scheduler bogus"),
         (["--unet", "{tmp}"], "neither a UNet folder"),
         (["--lora", "{tmp}"], "no pytorch_lora_weights.safetensors"),
-        (["--model", "{tmp}"], "not a diffusers pipeline folder"),
-        (["--model", "nobody/no-such-model"], "--model nobody/no-such-model: no such local folder"),
+        (["--model", "{tmp}"], "pass the pipeline folder (model_index.json"),
+        (["--model", "nobody/no-such-model"], "--model nobody/no-such-model: no local folder of that name"),
     ],
 )
 def test_user_mistakes_exit_2_before_writing(

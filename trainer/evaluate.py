@@ -26,7 +26,7 @@ import torch
 
 from schemas.config import SDXL_TIME_IDS
 from schemas.errors import EXIT_INPUT, InputError
-from schemas.failures import EXIT_ENVIRONMENT, environment_message
+from schemas.failures import environment_exit
 from schemas.families import folder_family
 from schemas.loss_table import default_beta
 from schemas.manifest import Manifest
@@ -396,10 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INPUT
     except OSError as e:
-        if (message := environment_message(e)) is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_ENVIRONMENT
+        return environment_exit(e)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from schemas.config import TrainConfig
 from schemas.config_cli import parse_config
 from schemas.errors import EXIT_INPUT, InputError
-from schemas.failures import EXIT_ENVIRONMENT, environment_message
+from schemas.failures import environment_exit
 from schemas.loss_table import LOSSES, default_beta
 from schemas.manifest import Manifest
 from schemas.sample import TORCH_DTYPES
@@ -261,14 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {input_error_message(e)}", file=sys.stderr)
         return EXIT_INPUT
     except OSError as e:
-        if (message := environment_message(e)) is None:
-            raise
-        print(
-            f"error: {message}. Nothing half-written was published: the last complete checkpoint is intact; fix "
-            "this and rerun the same command with --resume latest",
-            file=sys.stderr,
+        return environment_exit(
+            e,
+            ". Nothing half-written was published: the last complete checkpoint is intact; fix this and rerun the "
+            "same command with --resume latest",
         )
-        return EXIT_ENVIRONMENT
 
 
 def input_error_message(e: InputError) -> str:
